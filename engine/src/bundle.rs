@@ -1,0 +1,273 @@
+//! Opening a bundle folder: parse, verify, and hand out its models.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::backend::{Backend, Model};
+use crate::manifest::{Manifest, ModelFile};
+use crate::{BundleId, EngineError};
+
+/// Manifest format version this build reads.
+const MANIFEST_FORMAT: u32 = 1;
+
+/// Which of a bundle's models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The whole network, for local inference and reference results.
+    Full,
+    /// The edge part, ending in the bottleneck.
+    Head,
+    /// The server part, starting at the bottleneck.
+    Tail,
+}
+
+impl Role {
+    /// `full`, `head` or `tail`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Full => "full",
+            Role::Head => "head",
+            Role::Tail => "tail",
+        }
+    }
+}
+
+/// An opened, verified bundle.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    dir: PathBuf,
+    manifest: Manifest,
+    id: BundleId,
+}
+
+impl Bundle {
+    /// Opens the bundle in `dir`: parses `manifest.toml`, checks the bundle id against the
+    /// manifest's content and every model file against its sha256.
+    ///
+    /// # Errors
+    ///
+    /// An [`EngineError`] naming the file and the problem: missing, unparsable, corrupt
+    /// (hash mismatch) or inconsistent.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, EngineError> {
+        let dir = dir.as_ref().to_path_buf();
+        let manifest_path = dir.join("manifest.toml");
+        let text = std::fs::read_to_string(&manifest_path).map_err(|e| EngineError::Missing {
+            path: manifest_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let bad = |reason: String| EngineError::Manifest {
+            path: manifest_path.clone(),
+            reason,
+        };
+        let manifest: Manifest = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if manifest.format != MANIFEST_FORMAT {
+            return Err(bad(format!(
+                "format {} is not supported (this build reads format {MANIFEST_FORMAT})",
+                manifest.format
+            )));
+        }
+        let computed = content_id(&text);
+        let id: BundleId = manifest.id.parse().map_err(|e| bad(format!("id: {e}")))?;
+        if id != computed {
+            return Err(EngineError::IdMismatch {
+                path: manifest_path,
+                declared: manifest.id.clone(),
+                computed: computed.to_string(),
+            });
+        }
+        validate(&manifest).map_err(bad)?;
+        for file in [
+            &manifest.models.full,
+            &manifest.models.head,
+            &manifest.models.tail,
+        ] {
+            verify_file(&dir, file)?;
+        }
+        Ok(Self { dir, manifest, id })
+    }
+
+    /// The bundle id: sha256 of the manifest without its `id` line.
+    pub fn id(&self) -> BundleId {
+        self.id
+    }
+
+    /// The parsed manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The bundle folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `name version (short id)`, for logs.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {} ({})",
+            self.manifest.name,
+            self.manifest.version,
+            self.id.short()
+        )
+    }
+
+    /// The manifest entry of a model.
+    pub fn model_file(&self, role: Role) -> &ModelFile {
+        match role {
+            Role::Full => &self.manifest.models.full,
+            Role::Head => &self.manifest.models.head,
+            Role::Tail => &self.manifest.models.tail,
+        }
+    }
+
+    /// Per-sample input shape of a model.
+    pub fn input_shape(&self, role: Role) -> Vec<usize> {
+        let input = &self.manifest.input;
+        match role {
+            Role::Full | Role::Head => vec![3, input.height, input.width],
+            Role::Tail => self.manifest.bottleneck.shape.clone(),
+        }
+    }
+
+    /// Per-sample output shape of a model.
+    pub fn output_shape(&self, role: Role) -> Vec<usize> {
+        match role {
+            Role::Full | Role::Tail => vec![self.manifest.labels.names.len()],
+            Role::Head => self.manifest.bottleneck.shape.clone(),
+        }
+    }
+
+    /// Loads and optimizes one of the bundle's models with `backend`, checking its input and
+    /// output shapes against the manifest. Do this once; run the model many times.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Load`] if the backend refuses the file, [`EngineError::WrongShape`] if
+    /// the model's shapes disagree with the manifest, [`EngineError::BackendUnavailable`] if
+    /// the backend cannot run here.
+    pub fn load(&self, role: Role, backend: &Backend) -> Result<Model, EngineError> {
+        let file = self.model_file(role);
+        Model::load(
+            backend,
+            &self.dir.join(&file.path),
+            self.input_shape(role),
+            self.output_shape(role),
+        )
+    }
+}
+
+/// The bundle id of a manifest's text: sha256 over the text with its first `id = ` line
+/// (newline included) removed.
+fn content_id(text: &str) -> BundleId {
+    let mut hasher = Sha256::new();
+    let mut skipped = false;
+    for line in text.split_inclusive('\n') {
+        if !skipped && line.starts_with("id = ") {
+            skipped = true;
+            continue;
+        }
+        hasher.update(line.as_bytes());
+    }
+    BundleId::from_bytes(hasher.finalize().into())
+}
+
+fn validate(manifest: &Manifest) -> Result<(), String> {
+    let input = &manifest.input;
+    if input.layout != "NCHW" || input.color != "RGB" {
+        return Err(format!(
+            "input layout {:?} / color {:?} not supported (NCHW, RGB)",
+            input.layout, input.color
+        ));
+    }
+    if !matches!(input.resize.as_str(), "bilinear" | "nearest") {
+        return Err(format!(
+            "input.resize {:?} not supported (bilinear, nearest)",
+            input.resize
+        ));
+    }
+    if input.width == 0 || input.height == 0 || input.width > 8192 || input.height > 8192 {
+        return Err(format!(
+            "input size {}x{} out of range",
+            input.width, input.height
+        ));
+    }
+    if !(input.crop_fraction > 0.0 && input.crop_fraction <= 1.0) {
+        return Err(format!(
+            "input.crop_fraction {} not in (0, 1]",
+            input.crop_fraction
+        ));
+    }
+    if input.std.iter().any(|s| !s.is_normal()) {
+        return Err(format!("input.std {:?} must be non-zero", input.std));
+    }
+    let shape = &manifest.bottleneck.shape;
+    if shape.is_empty() || shape.len() > 4 || shape.contains(&0) {
+        return Err(format!(
+            "bottleneck.shape {shape:?} must have 1 to 4 non-zero axes"
+        ));
+    }
+    let q = &manifest.bottleneck.quantization;
+    if q.bits != 8 {
+        return Err(format!(
+            "bottleneck.quantization.bits {} not supported (8)",
+            q.bits
+        ));
+    }
+    if !matches!(q.granularity.as_str(), "per_tensor" | "per_channel") {
+        return Err(format!(
+            "bottleneck.quantization.granularity {:?} unknown",
+            q.granularity
+        ));
+    }
+    if cleave_codec::Codec::from_name(&q.codec).is_none() {
+        return Err(format!(
+            "bottleneck.quantization.codec {:?} unknown (zstd, raw)",
+            q.codec
+        ));
+    }
+    if manifest.labels.names.is_empty() {
+        return Err("labels.names is empty".into());
+    }
+    Ok(())
+}
+
+fn verify_file(dir: &Path, file: &ModelFile) -> Result<(), EngineError> {
+    let path = dir.join(&file.path);
+    if Path::new(&file.path)
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(EngineError::Manifest {
+            path: dir.join("manifest.toml"),
+            reason: format!("model path {:?} must stay inside the bundle", file.path),
+        });
+    }
+    let bytes = std::fs::read(&path).map_err(|e| EngineError::Missing {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let actual = hex::encode(Sha256::digest(&bytes));
+    if !actual.eq_ignore_ascii_case(&file.sha256) {
+        return Err(EngineError::Corrupt {
+            path,
+            expected: file.sha256.clone(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_id_skips_only_the_id_line() {
+        let a = content_id("format = 1\nid = \"x\"\nname = \"a\"\n");
+        let b = content_id("format = 1\nid = \"y\"\nname = \"a\"\n");
+        let c = content_id("format = 1\nid = \"x\"\nname = \"b\"\n");
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+}

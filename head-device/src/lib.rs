@@ -1,0 +1,65 @@
+//! The edge side of Cleave: turn camera frames into a few kilobytes and get answers back.
+//!
+//! # Brief overview
+//!
+//! * [`sources`] lists the frames to process (image files, folders).
+//! * [`HeadEncoder`] runs preprocessing, the bundle's head model and the codec: image in,
+//!   coded feature frame out ([`EncodedFrame`]).
+//! * [`Uplink`] connects to a tail, checks that both run the same bundle, and streams frames
+//!   over one long-lived gRPC stream, several in flight, results in order.
+//! * [`run_split`] ties them together and emits one [`FrameReport`] per frame: the classes,
+//!   the bytes that crossed, and where the time went.
+//!
+//! The head never imports the tail: the two share only `cleave-proto`.
+
+mod encoder;
+mod report;
+mod run;
+pub mod sources;
+mod uplink;
+
+pub use encoder::{EncodedFrame, HeadEncoder};
+pub use report::{FrameReport, Outcome, Score};
+pub use run::{RunSummary, run_split, write_json_line};
+pub use uplink::{Uplink, UplinkResult};
+
+/// What can go wrong on the head.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HeadError {
+    /// The bundle or a model failed to open, load or run.
+    #[error(transparent)]
+    Engine(#[from] cleave_engine::EngineError),
+    /// The head's output could not be quantized or framed.
+    #[error("codec: {0}")]
+    Codec(String),
+    /// The tail could not be reached, or broke the connection.
+    #[error("uplink to {server}: {reason}")]
+    Uplink {
+        /// The tail's address.
+        server: String,
+        /// What happened.
+        reason: String,
+    },
+    /// Head and tail run different bundles.
+    #[error("bundle mismatch: head runs {head}, tail at {server} serves {tail}")]
+    BundleMismatch {
+        /// The tail's address.
+        server: String,
+        /// The head's bundle id.
+        head: String,
+        /// The tail's bundle id.
+        tail: String,
+    },
+    /// An input path could not be read.
+    #[error("{path}: {reason}")]
+    Input {
+        /// The path.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Writing the report failed.
+    #[error("writing results: {0}")]
+    Output(#[from] std::io::Error),
+}

@@ -1,0 +1,72 @@
+//! One JSON line per frame: what the head tells its user.
+
+use serde::Serialize;
+
+/// One ranked class.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Score {
+    /// Class index.
+    pub index: u32,
+    /// Class name.
+    pub label: String,
+    /// Probability.
+    pub score: f32,
+}
+
+/// How a frame ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The tail classified the frame.
+    Classified {
+        /// The best classes, best first.
+        top5: Vec<Score>,
+    },
+    /// The frame failed, here or at the tail.
+    Failed {
+        /// `input`, `codec`, `uplink`, or the tail's kind (`malformed`, `inference`, ...).
+        kind: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// The report of one frame.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FrameReport {
+    /// Sequence number within this run.
+    pub frame_id: u64,
+    /// Where the frame came from.
+    pub source: String,
+    /// `split`.
+    pub mode: &'static str,
+    /// Result or failure.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    /// Coded feature-frame bytes sent.
+    pub bytes_sent: usize,
+    /// Bytes of the gRPC message carrying the frame (protobuf plus 5-byte prefix).
+    pub wire_bytes: usize,
+    /// Coded bytes the tail reports it received.
+    pub tail_received_bytes: u64,
+    /// Image decode and preprocessing.
+    pub preprocess_ms: f64,
+    /// Head model, quantization and coding.
+    pub head_ms: f64,
+    /// From sending the frame to its result, less the tail's own time.
+    pub uplink_ms: f64,
+    /// The tail's decode, model and ranking time.
+    pub tail_ms: f64,
+    /// From reading the image to having the result.
+    pub total_ms: f64,
+}
+
+impl FrameReport {
+    /// The top class, if the frame was classified.
+    pub fn top1(&self) -> Option<&Score> {
+        match &self.outcome {
+            Outcome::Classified { top5 } => top5.first(),
+            Outcome::Failed { .. } => None,
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! The connection to a tail: negotiation, then one long-lived bidirectional stream.
+
+use cleave_codec::BundleId;
+use cleave_proto::BUNDLE_ID_METADATA;
+use cleave_proto::v1::split_client::SplitClient;
+use cleave_proto::v1::{FeatureFrame, FrameResult, NegotiateRequest, frame_error, frame_result};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::HeadError;
+use crate::report::Score;
+
+/// Bytes gRPC adds in front of every message (compression flag and length).
+const GRPC_PREFIX_BYTES: usize = 5;
+
+/// A negotiated connection to a tail.
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    server: String,
+    client: SplitClient<Channel>,
+    bundle_id: BundleId,
+    max_frame_bytes: usize,
+}
+
+/// A tail's answer to one frame.
+#[derive(Debug, Clone)]
+pub struct UplinkResult {
+    /// The frame's id.
+    pub frame_id: u64,
+    /// Ranked classes, or the tail's per-frame error `(kind, message)`.
+    pub outcome: Result<Vec<Score>, (String, String)>,
+    /// Milliseconds the tail spent on the frame.
+    pub tail_ms: f64,
+    /// Coded bytes the tail says it received.
+    pub received_bytes: u64,
+}
+
+impl Uplink {
+    /// Connects to `server` (e.g. `http://127.0.0.1:50051`) and checks that the tail serves
+    /// `bundle_id`.
+    ///
+    /// # Errors
+    ///
+    /// [`HeadError::Uplink`] if the tail cannot be reached, [`HeadError::BundleMismatch`] if it
+    /// serves another bundle (the message names both ids).
+    pub async fn connect(server: &str, bundle_id: BundleId) -> Result<Self, HeadError> {
+        let uplink_err = |reason: String| HeadError::Uplink {
+            server: server.to_string(),
+            reason,
+        };
+        let endpoint = Endpoint::from_shared(server.to_string())
+            .map_err(|e| uplink_err(format!("bad address: {e}")))?
+            .tcp_nodelay(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| uplink_err(error_chain(&e)))?;
+        let limit = 64 << 20;
+        let mut client = SplitClient::new(channel)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let request = NegotiateRequest {
+            bundle_id: bundle_id.to_string(),
+            client: format!(
+                "cleave-head {} on {}",
+                env!("CARGO_PKG_VERSION"),
+                std::env::consts::ARCH
+            ),
+        };
+        let response = match client.negotiate(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                return Err(HeadError::BundleMismatch {
+                    server: server.to_string(),
+                    head: bundle_id.to_string(),
+                    tail: status.message().to_string(),
+                });
+            }
+            Err(status) => return Err(uplink_err(format!("negotiation failed: {status}"))),
+        };
+        if response.bundle_id != bundle_id.to_string() {
+            return Err(HeadError::BundleMismatch {
+                server: server.to_string(),
+                head: bundle_id.to_string(),
+                tail: response.bundle_id,
+            });
+        }
+        tracing::info!(server, bundle = %response.bundle_name, "negotiated");
+        Ok(Self {
+            server: server.to_string(),
+            client,
+            bundle_id,
+            max_frame_bytes: usize::try_from(response.max_frame_bytes).unwrap_or(usize::MAX),
+        })
+    }
+
+    /// The tail's address.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Largest frame the tail accepts.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_frame_bytes
+    }
+
+    /// Opens a frame stream. Frames sent on the [`FrameSender`] are answered, in order, on
+    /// the [`ResultReceiver`]; dropping the sender ends the stream once the answers are in.
+    ///
+    /// # Errors
+    ///
+    /// [`HeadError::Uplink`] if the tail refuses the stream.
+    pub async fn open_stream(
+        &mut self,
+        window: usize,
+    ) -> Result<(FrameSender, ResultReceiver), HeadError> {
+        let (tx, rx) = mpsc::channel(window.max(1));
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        let id = self
+            .bundle_id
+            .to_string()
+            .parse()
+            .map_err(|_| HeadError::Uplink {
+                server: self.server.clone(),
+                reason: "bundle id is not valid metadata".into(),
+            })?;
+        request.metadata_mut().insert(BUNDLE_ID_METADATA, id);
+        let response = self
+            .client
+            .stream(request)
+            .await
+            .map_err(|status| self.status_error(status))?;
+        Ok((
+            FrameSender {
+                tx,
+                server: self.server.clone(),
+            },
+            ResultReceiver {
+                stream: response.into_inner(),
+                server: self.server.clone(),
+            },
+        ))
+    }
+
+    fn status_error(&self, status: tonic::Status) -> HeadError {
+        if status.code() == tonic::Code::FailedPrecondition {
+            return HeadError::BundleMismatch {
+                server: self.server.clone(),
+                head: self.bundle_id.to_string(),
+                tail: status.message().to_string(),
+            };
+        }
+        HeadError::Uplink {
+            server: self.server.clone(),
+            reason: status.to_string(),
+        }
+    }
+}
+
+/// The sending half of a frame stream.
+#[derive(Debug, Clone)]
+pub struct FrameSender {
+    tx: mpsc::Sender<FeatureFrame>,
+    server: String,
+}
+
+impl FrameSender {
+    /// Queues a coded frame for sending; returns the bytes the gRPC message takes on the
+    /// wire (protobuf encoding plus gRPC's 5-byte prefix, before HTTP/2 framing).
+    ///
+    /// # Errors
+    ///
+    /// [`HeadError::Uplink`] if the stream has closed.
+    pub async fn send(&self, frame_id: u64, frame: Vec<u8>) -> Result<usize, HeadError> {
+        let message = FeatureFrame { frame_id, frame };
+        let wire = message.encoded_len() + GRPC_PREFIX_BYTES;
+        self.tx.send(message).await.map_err(|_| HeadError::Uplink {
+            server: self.server.clone(),
+            reason: "the stream closed".into(),
+        })?;
+        Ok(wire)
+    }
+}
+
+/// The receiving half of a frame stream.
+#[derive(Debug)]
+pub struct ResultReceiver {
+    stream: tonic::Streaming<FrameResult>,
+    server: String,
+}
+
+impl ResultReceiver {
+    /// The next result, or `None` when the stream has ended.
+    ///
+    /// # Errors
+    ///
+    /// [`HeadError::Uplink`] if the stream broke.
+    pub async fn next(&mut self) -> Result<Option<UplinkResult>, HeadError> {
+        let message = self
+            .stream
+            .message()
+            .await
+            .map_err(|status| HeadError::Uplink {
+                server: self.server.clone(),
+                reason: format!("stream broke: {status}"),
+            })?;
+        Ok(message.map(convert))
+    }
+}
+
+fn convert(result: FrameResult) -> UplinkResult {
+    let outcome = match result.outcome {
+        Some(frame_result::Outcome::Classification(c)) => Ok(c
+            .top
+            .into_iter()
+            .map(|s| Score {
+                index: s.index,
+                label: s.label,
+                score: s.score,
+            })
+            .collect()),
+        Some(frame_result::Outcome::Error(e)) => {
+            let kind = frame_error::Kind::try_from(e.kind)
+                .map(|k| {
+                    k.as_str_name()
+                        .trim_start_matches("KIND_")
+                        .to_ascii_lowercase()
+                })
+                .unwrap_or_else(|_| format!("unknown({})", e.kind));
+            Err((kind, e.message))
+        }
+        None => Err(("unknown".into(), "the tail sent no outcome".into())),
+    };
+    UplinkResult {
+        frame_id: result.frame_id,
+        outcome,
+        tail_ms: result.tail_ms,
+        received_bytes: result.received_bytes,
+    }
+}
+
+/// A transport error with its causes, which tonic hides behind "transport error".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,53 @@
+//! The `cleave-head` command line: help, and clear errors before any frame is sent.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cleave-head");
+
+fn bundle() -> String {
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/efficientnet-lite0-split"
+    )
+    .to_string()
+}
+
+#[test]
+fn help_documents_every_option() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for option in ["--bundle", "--server", "--backend", "--window", "INPUTS"] {
+        assert!(help.contains(option), "--help lacks {option}:\n{help}");
+    }
+}
+
+#[test]
+fn a_missing_input_is_named() {
+    let out = Command::new(BIN)
+        .args(["--bundle", &bundle(), "/nonexistent/picture.jpg"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/picture.jpg"), "{stderr}");
+}
+
+#[test]
+fn an_unreachable_tail_is_named() {
+    // Port 9 on loopback: nothing listens there in a test sandbox.
+    let samples = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/samples");
+    let out = Command::new(BIN)
+        .args([
+            "--bundle",
+            &bundle(),
+            "--server",
+            "http://127.0.0.1:9",
+            samples,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("127.0.0.1:9"), "{stderr}");
+}

@@ -1,0 +1,185 @@
+//! `cleave.v1.Split`: negotiation, unary and streaming inference.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cleave_codec::{BundleId, Limits, decode_frame};
+use cleave_engine::{Bundle, Tensor, top_k};
+use cleave_proto::BUNDLE_ID_METADATA;
+use cleave_proto::v1::split_server::Split;
+use cleave_proto::v1::{
+    ClassScore, Classification, FeatureFrame, FrameResult, NegotiateRequest, NegotiateResponse,
+    frame_result::Outcome,
+};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{TailError, TailExecutor};
+
+/// Classes returned per frame.
+const TOP_K: usize = 5;
+
+/// The `Split` service over one bundle's tail model.
+#[derive(Debug, Clone)]
+pub struct SplitService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    bundle: Arc<Bundle>,
+    executor: TailExecutor,
+    limits: Limits,
+}
+
+impl SplitService {
+    /// A service for `bundle`, running frames on `executor`.
+    pub fn new(bundle: Arc<Bundle>, executor: TailExecutor, max_frame_bytes: usize) -> Self {
+        let limits = Limits {
+            max_frame_bytes,
+            ..Limits::default()
+        };
+        Self {
+            inner: Arc::new(Inner {
+                bundle,
+                executor,
+                limits,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn check_bundle(&self, head: &str) -> Result<(), TailError> {
+        let tail = self.bundle.id();
+        match head.parse::<BundleId>() {
+            Ok(id) if id == tail => Ok(()),
+            _ => Err(TailError::BundleMismatch {
+                head: head.to_string(),
+                tail,
+            }),
+        }
+    }
+
+    /// Decodes, checks and runs one frame; always answers with a result or a frame error.
+    async fn process(&self, frame: FeatureFrame) -> FrameResult {
+        let started = Instant::now();
+        let received_bytes = frame.frame.len() as u64;
+        let outcome = match self.classify(&frame.frame).await {
+            Ok(classification) => Outcome::Classification(classification),
+            Err(error) => {
+                tracing::debug!(frame_id = frame.frame_id, %error, "frame failed");
+                Outcome::Error(error.to_frame_error())
+            }
+        };
+        FrameResult {
+            frame_id: frame.frame_id,
+            outcome: Some(outcome),
+            tail_ms: started.elapsed().as_secs_f64() * 1e3,
+            received_bytes,
+        }
+    }
+
+    async fn classify(&self, bytes: &[u8]) -> Result<Classification, TailError> {
+        let decoded = decode_frame(bytes, &self.limits)?;
+        let tail = self.bundle.id();
+        if decoded.header.bundle_id != tail {
+            return Err(TailError::BundleMismatch {
+                head: decoded.header.bundle_id.to_string(),
+                tail,
+            });
+        }
+        let expected = &self.bundle.manifest().bottleneck.shape;
+        if &decoded.header.shape != expected {
+            return Err(TailError::ShapeMismatch {
+                expected: expected.clone(),
+                actual: decoded.header.shape,
+            });
+        }
+        let mut shape = vec![1];
+        shape.extend_from_slice(expected);
+        let input = Tensor::new(shape, decoded.quantized.dequantize());
+        let logits = self.executor.run(input).await?;
+        let labels = &self.bundle.manifest().labels.names;
+        let top = top_k(&logits.data, TOP_K)
+            .into_iter()
+            .map(|c| ClassScore {
+                index: c.index as u32,
+                label: labels.get(c.index).cloned().unwrap_or_default(),
+                score: c.score,
+            })
+            .collect();
+        Ok(Classification { top })
+    }
+}
+
+type ResultStream = Pin<Box<dyn Stream<Item = Result<FrameResult, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Split for SplitService {
+    async fn negotiate(
+        &self,
+        request: Request<NegotiateRequest>,
+    ) -> Result<Response<NegotiateResponse>, Status> {
+        let request = request.into_inner();
+        self.inner.check_bundle(&request.bundle_id)?;
+        tracing::info!(client = %request.client, "head negotiated");
+        let manifest = self.inner.bundle.manifest();
+        Ok(Response::new(NegotiateResponse {
+            bundle_id: self.inner.bundle.id().to_string(),
+            bundle_name: format!("{} {}", manifest.name, manifest.version),
+            max_frame_bytes: self.inner.limits.max_frame_bytes as u64,
+        }))
+    }
+
+    async fn infer(&self, request: Request<FeatureFrame>) -> Result<Response<FrameResult>, Status> {
+        Ok(Response::new(
+            self.inner.process(request.into_inner()).await,
+        ))
+    }
+
+    type StreamStream = ResultStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<FeatureFrame>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let head = request
+            .metadata()
+            .get(BUNDLE_ID_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("missing `{BUNDLE_ID_METADATA}` metadata"))
+            })?
+            .to_string();
+        self.inner.check_bundle(&head)?;
+        let inner = self.inner.clone();
+        let mut frames = request.into_inner();
+        // Frames are processed one after another, so results keep the order of the frames.
+        let results = async_stream(move |tx| async move {
+            while let Some(next) = frames.next().await {
+                let item = match next {
+                    Ok(frame) => Ok(inner.process(frame).await),
+                    Err(status) => Err(status),
+                };
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(results))
+    }
+}
+
+/// A stream fed by a task through a small channel.
+fn async_stream<F, Fut>(body: F) -> ResultStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<FrameResult, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

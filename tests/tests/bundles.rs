@@ -1,0 +1,134 @@
+//! Bundles that are wrong in one way each: the error names the file and the problem, and head
+//! and tail that run different bundles refuse each other, naming both ids.
+
+use std::sync::Arc;
+
+use cleave_engine::{Backend, Bundle, EngineError, Role};
+use cleave_head::{HeadEncoder, HeadError, Uplink};
+use cleave_tests::{TailProcess, TempDir, bundle_variant, default_bundle};
+
+#[test]
+fn the_bundled_model_opens_and_its_id_is_stable() {
+    let a = Bundle::open(default_bundle()).unwrap();
+    let b = Bundle::open(default_bundle()).unwrap();
+    assert_eq!(a.id(), b.id());
+    assert_eq!(a.id().to_string(), a.manifest().id);
+    assert_eq!(a.manifest().labels.names.len(), 1000);
+}
+
+#[test]
+fn a_corrupt_model_file_is_named() {
+    let dir = bundle_variant(&default_bundle(), "corrupt", |m| m);
+    let head = dir.path().join("head.onnx");
+    let mut bytes = std::fs::read(&head).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&head, bytes).unwrap();
+    let error = Bundle::open(dir.path()).unwrap_err();
+    assert!(matches!(error, EngineError::Corrupt { .. }), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("head.onnx") && message.contains("corrupt"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_missing_model_file_is_named() {
+    let dir = bundle_variant(&default_bundle(), "missing", |m| m);
+    std::fs::remove_file(dir.path().join("tail.onnx")).unwrap();
+    let message = Bundle::open(dir.path()).unwrap_err().to_string();
+    assert!(
+        message.contains("tail.onnx") && message.contains("missing"),
+        "{message}"
+    );
+}
+
+#[test]
+fn an_edited_manifest_no_longer_matches_its_id() {
+    let dir = bundle_variant(&default_bundle(), "edited", |m| m);
+    let manifest = dir.path().join("manifest.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replace("version = \"", "version = \"9")).unwrap();
+    let error = Bundle::open(dir.path()).unwrap_err();
+    assert!(matches!(error, EngineError::IdMismatch { .. }), "{error}");
+}
+
+#[test]
+fn an_empty_folder_says_the_manifest_is_missing() {
+    let dir = TempDir::new("empty");
+    let message = Bundle::open(dir.path()).unwrap_err().to_string();
+    assert!(
+        message.contains("manifest.toml") && message.contains("missing"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_wrong_bottleneck_shape_is_caught_when_the_model_loads() {
+    let bundle = Bundle::open(default_bundle()).unwrap();
+    let shape = bundle.manifest().bottleneck.shape.clone();
+    let dir = bundle_variant(&default_bundle(), "shape", |m| {
+        m.replace(
+            &format!("shape = {shape:?}"),
+            &format!("shape = {:?}", [shape[0] + 1, shape[1], shape[2]]),
+        )
+    });
+    let variant = Bundle::open(dir.path()).unwrap();
+    let error = variant.load(Role::Head, &Backend::Tract).unwrap_err();
+    assert!(matches!(error, EngineError::WrongShape { .. }), "{error}");
+    assert!(error.to_string().contains("head.onnx"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_and_tail_with_different_bundles_refuse_each_other() {
+    let other = bundle_variant(&default_bundle(), "other", |m| {
+        m.replace("version = \"", "version = \"other-")
+    });
+    let tail = TailProcess::start(other.path());
+    let ours = Arc::new(Bundle::open(default_bundle()).unwrap());
+    let theirs = Bundle::open(other.path()).unwrap();
+    assert_ne!(ours.id(), theirs.id());
+
+    let error = Uplink::connect(&tail.url(), ours.id()).await.unwrap_err();
+    assert!(matches!(error, HeadError::BundleMismatch { .. }), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains(&ours.id().to_string()),
+        "names the head's id: {message}"
+    );
+    assert!(
+        message.contains(&theirs.id().to_string()),
+        "names the tail's id: {message}"
+    );
+
+    // A frame coded for another bundle is refused per frame too, even on a unary call.
+    let encoder = HeadEncoder::new(ours.clone(), &Backend::Tract).unwrap();
+    let frame = encoder
+        .encode_path(&cleave_tests::sample_files()[0])
+        .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(tail.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = cleave_proto::v1::split_client::SplitClient::new(channel);
+    let result = client
+        .infer(cleave_proto::v1::FeatureFrame {
+            frame_id: 1,
+            frame: frame.bytes,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match result.outcome {
+        Some(cleave_proto::v1::frame_result::Outcome::Error(e)) => {
+            assert_eq!(
+                e.kind,
+                cleave_proto::v1::frame_error::Kind::BundleMismatch as i32
+            );
+            assert!(e.message.contains(&ours.id().to_string()), "{}", e.message);
+        }
+        other => panic!("expected a bundle-mismatch error, got {other:?}"),
+    }
+}

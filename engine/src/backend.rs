@@ -23,9 +23,10 @@ pub enum OrtDevice {
 }
 
 /// Which inference backend loads a bundle's models.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
     /// tract: pure Rust, single-threaded, no native dependencies. The default.
+    #[default]
     Tract,
     /// ONNX Runtime through the `ort` crate (cargo feature `ort`), with
     /// `libonnxruntime` found through `ORT_DYLIB_PATH` or a Python `onnxruntime` package.
@@ -41,12 +42,6 @@ impl Backend {
             Backend::Ort(OrtDevice::Cuda) => "ort-cuda",
             Backend::Ort(OrtDevice::TensorRt) => "ort-tensorrt",
         }
-    }
-}
-
-impl Default for Backend {
-    fn default() -> Self {
-        Backend::Tract
     }
 }
 

@@ -19,7 +19,7 @@ pub mod sources;
 mod uplink;
 
 pub use encoder::{EncodedFrame, HeadEncoder};
-pub use report::{FrameReport, Outcome, Score};
+pub use report::{Failure, FrameReport, Outcome, Score};
 pub use run::{RunSummary, run_split, write_json_line};
 pub use uplink::{Uplink, UplinkResult};
 

@@ -13,9 +13,9 @@ pub struct Score {
     pub score: f32,
 }
 
-/// How a frame ended.
+/// How a frame ended: `"top5": [...]` or `"error": {"kind": ..., "message": ...}` in JSON.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(untagged)]
 pub enum Outcome {
     /// The tail classified the frame.
     Classified {
@@ -24,11 +24,18 @@ pub enum Outcome {
     },
     /// The frame failed, here or at the tail.
     Failed {
-        /// `input`, `codec`, `uplink`, or the tail's kind (`malformed`, `inference`, ...).
-        kind: String,
-        /// What happened.
-        message: String,
+        /// Why.
+        error: Failure,
     },
+}
+
+/// Why a frame has no result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Failure {
+    /// `input`, `codec`, `uplink`, or the tail's kind (`malformed`, `inference`, ...).
+    pub kind: String,
+    /// What happened.
+    pub message: String,
 }
 
 /// The report of one frame.

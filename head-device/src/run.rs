@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::report::{FrameReport, Outcome};
+use crate::report::{Failure, FrameReport, Outcome};
 use crate::{HeadEncoder, HeadError, Uplink};
 
 /// What a run did, for the caller's exit status and summary line.
@@ -160,7 +160,9 @@ pub async fn run_split(
                             let round_trip = (now - sent).as_secs_f64() * 1e3;
                             let outcome = match result.outcome {
                                 Ok(top5) => Outcome::Classified { top5 },
-                                Err((kind, message)) => Outcome::Failed { kind, message },
+                                Err((kind, message)) => Outcome::Failed {
+                                    error: Failure { kind, message },
+                                },
                             };
                             FrameReport {
                                 frame_id,
@@ -212,7 +214,9 @@ fn failed(frame_id: u64, source: String, kind: String, message: String) -> Frame
         frame_id,
         source,
         mode: "split",
-        outcome: Outcome::Failed { kind, message },
+        outcome: Outcome::Failed {
+            error: Failure { kind, message },
+        },
         bytes_sent: 0,
         wire_bytes: 0,
         tail_received_bytes: 0,

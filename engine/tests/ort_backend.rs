@@ -28,6 +28,15 @@ fn ort_model(bundle: &Bundle, role: Role) -> Option<cleave_engine::Model> {
     }
 }
 
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.shape, b.shape);
+    a.data
+        .iter()
+        .zip(&b.data)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f32::max)
+}
+
 fn input(batch: usize) -> Tensor {
     let n = batch * 3 * 224 * 224;
     Tensor::new(
@@ -45,24 +54,12 @@ fn ort_and_tract_agree_on_head_and_tail() {
     let tract_head = bundle.load(Role::Head, &Backend::Tract).unwrap();
     let x = input(2);
     let (a, b) = (ort_head.run(&x).unwrap(), tract_head.run(&x).unwrap());
-    assert_eq!(a.shape, b.shape);
-    let diff = a
-        .data
-        .iter()
-        .zip(&b.data)
-        .map(|(p, q)| (p - q).abs())
-        .fold(0.0, f32::max);
+    let diff = max_abs_diff(&a, &b);
     assert!(diff < 1e-3, "head outputs differ by {diff}");
 
     let ort_tail = ort_model(&bundle, Role::Tail).unwrap();
     let tract_tail = bundle.load(Role::Tail, &Backend::Tract).unwrap();
-    let (la, lb) = (ort_tail.run(&a).unwrap(), tract_tail.run(&a).unwrap());
-    let diff = la
-        .data
-        .iter()
-        .zip(&lb.data)
-        .map(|(p, q)| (p - q).abs())
-        .fold(0.0, f32::max);
+    let diff = max_abs_diff(&ort_tail.run(&a).unwrap(), &tract_tail.run(&a).unwrap());
     assert!(diff < 1e-2, "tail logits differ by {diff}");
 }
 

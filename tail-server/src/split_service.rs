@@ -63,6 +63,7 @@ impl Inner {
     }
 
     /// Decodes, checks and runs one frame; always answers with a result or a frame error.
+    #[tracing::instrument(name = "frame", skip_all, fields(frame_id = frame.frame_id))]
     async fn process(&self, frame: FeatureFrame) -> FrameResult {
         let started = Instant::now();
         let received_bytes = frame.frame.len() as u64;

@@ -72,11 +72,7 @@ impl Uplink {
         let response = match client.negotiate(request).await {
             Ok(response) => response.into_inner(),
             Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                return Err(HeadError::BundleMismatch {
-                    server: server.to_string(),
-                    head: bundle_id.to_string(),
-                    tail: status.message().to_string(),
-                });
+                return Err(mismatch(server, bundle_id, &status));
             }
             Err(status) => return Err(uplink_err(format!("negotiation failed: {status}"))),
         };
@@ -146,16 +142,30 @@ impl Uplink {
 
     fn status_error(&self, status: tonic::Status) -> HeadError {
         if status.code() == tonic::Code::FailedPrecondition {
-            return HeadError::BundleMismatch {
-                server: self.server.clone(),
-                head: self.bundle_id.to_string(),
-                tail: status.message().to_string(),
-            };
+            return mismatch(&self.server, self.bundle_id, &status);
         }
         HeadError::Uplink {
             server: self.server.clone(),
             reason: status.to_string(),
         }
+    }
+}
+
+/// The error for a tail that refused our bundle; the tail names its own id in the status
+/// metadata (older or foreign servers only in the message).
+fn mismatch(server: &str, head: BundleId, status: &tonic::Status) -> HeadError {
+    let tail = status
+        .metadata()
+        .get(BUNDLE_ID_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(
+            || format!("another bundle ({})", status.message()),
+            str::to_string,
+        );
+    HeadError::BundleMismatch {
+        server: server.to_string(),
+        head: head.to_string(),
+        tail,
     }
 }
 

@@ -2,6 +2,7 @@
 
 use cleave_codec::BundleId;
 use cleave_engine::EngineError;
+use cleave_proto::BUNDLE_ID_METADATA;
 use cleave_proto::v1::FrameError as WireFrameError;
 use cleave_proto::v1::frame_error::Kind;
 
@@ -65,7 +66,14 @@ impl From<TailError> for tonic::Status {
             TailError::Malformed(_) | TailError::ShapeMismatch { .. } => {
                 tonic::Status::invalid_argument(message)
             }
-            TailError::BundleMismatch { .. } => tonic::Status::failed_precondition(message),
+            TailError::BundleMismatch { tail, .. } => {
+                // The tail's id travels as metadata too, so a head can name it exactly.
+                let mut status = tonic::Status::failed_precondition(message);
+                if let Ok(value) = tail.to_string().parse() {
+                    status.metadata_mut().insert(BUNDLE_ID_METADATA, value);
+                }
+                status
+            }
             TailError::Inference(_) | TailError::Engine(_) => tonic::Status::internal(message),
             TailError::Startup(_) | TailError::Transport(_) => tonic::Status::unavailable(message),
         }

@@ -21,7 +21,7 @@ mod uplink;
 pub use encoder::{EncodedFrame, HeadEncoder};
 pub use report::{Failure, FrameReport, Outcome, Score};
 pub use run::{RunSummary, run_split, write_json_line};
-pub use uplink::{Uplink, UplinkResult};
+pub use uplink::{FrameSender, ResultReceiver, Uplink, UplinkResult};
 
 /// What can go wrong on the head.
 #[derive(Debug, thiserror::Error)]

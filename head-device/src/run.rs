@@ -12,7 +12,7 @@ use std::time::Instant;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::report::{Failure, FrameReport, Outcome};
-use crate::{HeadEncoder, HeadError, Uplink};
+use crate::{HeadEncoder, HeadError, ResultReceiver, Uplink, UplinkResult};
 
 /// What a run did, for the caller's exit status and summary line.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -25,18 +25,58 @@ pub struct RunSummary {
     pub bytes_sent: usize,
 }
 
-/// A frame between encoding and its result.
+/// A frame that went up the stream and waits for its answer.
+struct SentFrame {
+    frame_id: u64,
+    source: String,
+    started: Instant,
+    sent: Instant,
+    preprocess_ms: f64,
+    head_ms: f64,
+    bytes: usize,
+    wire_bytes: usize,
+}
+
+impl SentFrame {
+    /// The frame's report, given the tail's answer or why none came.
+    fn report(self, answer: Result<UplinkResult, String>) -> FrameReport {
+        let result = match answer {
+            Ok(result) => result,
+            Err(reason) => {
+                let mut report = failed(self.frame_id, self.source, "uplink".into(), reason);
+                report.bytes_sent = self.bytes;
+                report.wire_bytes = self.wire_bytes;
+                return report;
+            }
+        };
+        let now = Instant::now();
+        let round_trip_ms = (now - self.sent).as_secs_f64() * 1e3;
+        let outcome = match result.outcome {
+            Ok(top5) => Outcome::Classified { top5 },
+            Err((kind, message)) => Outcome::Failed {
+                error: Failure { kind, message },
+            },
+        };
+        FrameReport {
+            frame_id: self.frame_id,
+            source: self.source,
+            mode: "split",
+            outcome,
+            bytes_sent: self.bytes,
+            wire_bytes: self.wire_bytes,
+            tail_received_bytes: result.received_bytes,
+            preprocess_ms: self.preprocess_ms,
+            head_ms: self.head_ms,
+            uplink_ms: (round_trip_ms - result.tail_ms).max(0.0),
+            tail_ms: result.tail_ms,
+            total_ms: (now - self.started).as_secs_f64() * 1e3,
+        }
+    }
+}
+
+/// A frame between encoding and its report.
 enum Pending {
-    Sent {
-        frame_id: u64,
-        source: String,
-        started: Instant,
-        sent: Instant,
-        preprocess_ms: f64,
-        head_ms: f64,
-        bytes: usize,
-        wire_bytes: usize,
-    },
+    Sent(SentFrame),
     Failed {
         frame_id: u64,
         source: String,
@@ -74,44 +114,36 @@ pub async fn run_split(
             let started = Instant::now();
             let job_encoder = encoder.clone();
             let encoded = tokio::task::spawn_blocking(move || job_encoder.encode_path(&path)).await;
+            let failure = |kind, message| Pending::Failed {
+                frame_id,
+                source: source.clone(),
+                kind,
+                message,
+            };
             let pending = match encoded {
                 Ok(Ok(frame)) => {
                     let bytes = frame.bytes.len();
                     let sent = Instant::now();
                     match sender.send(frame_id, frame.bytes).await {
                         Ok(wire_bytes) => {
+                            // The permit comes back when the answer does.
                             permit.forget();
-                            Pending::Sent {
+                            Pending::Sent(SentFrame {
                                 frame_id,
-                                source,
+                                source: source.clone(),
                                 started,
                                 sent,
                                 preprocess_ms: frame.preprocess_ms,
                                 head_ms: frame.head_ms,
                                 bytes,
                                 wire_bytes,
-                            }
+                            })
                         }
-                        Err(e) => Pending::Failed {
-                            frame_id,
-                            source,
-                            kind: "uplink",
-                            message: e.to_string(),
-                        },
+                        Err(e) => failure("uplink", e.to_string()),
                     }
                 }
-                Ok(Err(e)) => Pending::Failed {
-                    frame_id,
-                    source,
-                    kind: failure_kind(&e),
-                    message: e.to_string(),
-                },
-                Err(join) => Pending::Failed {
-                    frame_id,
-                    source,
-                    kind: "input",
-                    message: format!("encoder panicked: {join}"),
-                },
+                Ok(Err(e)) => failure(failure_kind(&e), e.to_string()),
+                Err(join) => failure("input", format!("encoder panicked: {join}")),
             };
             if pending_tx.send(pending).is_err() {
                 break;
@@ -123,82 +155,47 @@ pub async fn run_split(
     let mut summary = RunSummary::default();
     let mut broken: Option<String> = None;
     while let Some(pending) = pending_rx.recv().await {
-        {
-            let report = match pending {
-                Pending::Failed {
-                    frame_id,
-                    source,
-                    kind,
-                    message,
-                } => failed(frame_id, source, kind.to_string(), message),
-                Pending::Sent {
-                    frame_id,
-                    source,
-                    started,
-                    sent,
-                    preprocess_ms,
-                    head_ms,
-                    bytes,
-                    wire_bytes,
-                } => {
-                    let answer = match &broken {
-                        Some(reason) => Err(reason.clone()),
-                        None => match results.next().await {
-                            Ok(Some(result)) if result.frame_id == frame_id => Ok(result),
-                            Ok(Some(result)) => Err(format!(
-                                "tail answered frame {} when frame {frame_id} was due",
-                                result.frame_id
-                            )),
-                            Ok(None) => Err("the tail ended the stream early".to_string()),
-                            Err(e) => Err(e.to_string()),
-                        },
-                    };
-                    permits.add_permits(1);
-                    match answer {
-                        Ok(result) => {
-                            let now = Instant::now();
-                            let round_trip = (now - sent).as_secs_f64() * 1e3;
-                            let outcome = match result.outcome {
-                                Ok(top5) => Outcome::Classified { top5 },
-                                Err((kind, message)) => Outcome::Failed {
-                                    error: Failure { kind, message },
-                                },
-                            };
-                            FrameReport {
-                                frame_id,
-                                source,
-                                mode: "split",
-                                outcome,
-                                bytes_sent: bytes,
-                                wire_bytes,
-                                tail_received_bytes: result.received_bytes,
-                                preprocess_ms,
-                                head_ms,
-                                uplink_ms: (round_trip - result.tail_ms).max(0.0),
-                                tail_ms: result.tail_ms,
-                                total_ms: (now - started).as_secs_f64() * 1e3,
-                            }
-                        }
-                        Err(reason) => {
-                            broken.get_or_insert_with(|| reason.clone());
-                            let mut report = failed(frame_id, source, "uplink".into(), reason);
-                            report.bytes_sent = bytes;
-                            report.wire_bytes = wire_bytes;
-                            report
-                        }
-                    }
+        let report = match pending {
+            Pending::Failed {
+                frame_id,
+                source,
+                kind,
+                message,
+            } => failed(frame_id, source, kind.to_string(), message),
+            Pending::Sent(frame) => {
+                let answer = match &broken {
+                    Some(reason) => Err(reason.clone()),
+                    None => next_answer(&mut results, frame.frame_id).await,
+                };
+                permits.add_permits(1);
+                if let Err(reason) = &answer {
+                    broken.get_or_insert_with(|| reason.clone());
                 }
-            };
-            match report.outcome {
-                Outcome::Classified { .. } => summary.classified += 1,
-                Outcome::Failed { .. } => summary.failed += 1,
+                frame.report(answer)
             }
-            summary.bytes_sent += report.bytes_sent;
-            emit(&report)?;
+        };
+        match report.outcome {
+            Outcome::Classified { .. } => summary.classified += 1,
+            Outcome::Failed { .. } => summary.failed += 1,
         }
+        summary.bytes_sent += report.bytes_sent;
+        emit(&report)?;
     }
     let _ = producer.await;
     Ok(summary)
+}
+
+/// The tail's answer to `frame_id`, which must be the next on the stream.
+async fn next_answer(results: &mut ResultReceiver, frame_id: u64) -> Result<UplinkResult, String> {
+    match results.next().await {
+        Ok(Some(result)) if result.frame_id == frame_id => Ok(result),
+        Ok(Some(result)) => Err(format!(
+            "tail answered frame {} when frame {frame_id} was due",
+            result.frame_id
+        )),
+        Ok(None) => Err("the tail ended the stream early".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn failure_kind(error: &HeadError) -> &'static str {

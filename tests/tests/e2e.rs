@@ -215,3 +215,40 @@ async fn the_tail_reports_serving_on_grpc_health() {
         assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_input_gets_its_own_failure_line_and_the_others_go_through() {
+    let tail = TailProcess::start(&default_bundle());
+    let files = sample_files();
+    let not_an_image = cleave_tests::samples().join("README.md");
+    let args: Vec<String> = vec![
+        "--bundle".into(),
+        default_bundle().display().to_string(),
+        "--server".into(),
+        tail.url(),
+        files[0].display().to_string(),
+        not_an_image.display().to_string(),
+        files[1].display().to_string(),
+    ];
+    let head = binary("cleave-head");
+    let output =
+        tokio::task::spawn_blocking(move || Command::new(head).args(&args).output().unwrap())
+            .await
+            .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "exit 1 when some frames failed"
+    );
+    let reports = json_lines(&String::from_utf8_lossy(&output.stdout));
+    assert_eq!(reports.len(), 3, "one line per input: {reports:?}");
+    assert!(reports[0]["top5"].is_array());
+    assert_eq!(reports[1]["error"]["kind"], "input", "{}", reports[1]);
+    assert!(
+        reports[1]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("README.md")
+    );
+    assert!(reports[2]["top5"].is_array());
+}

@@ -442,14 +442,15 @@ def cmd_efficientnet(args):
     labels = read_labels(HERE / "data" / "imagenet-labels.txt")
     calib, evals = efficientnet_images()
     fit = {"pca": "pca", "distilled": "head-distillation", "none": "none"}[args.bottleneck]
-    distiller = None
-    if args.bottleneck == "distilled":
+
+    def distiller(split):
         import distill
 
-        def distiller(split):
-            return distill.make_builder(sd, split, prep, calib, args,
-                                        log=lambda m: print(m, file=sys.stderr, flush=True))
-    make_split(args, full, prep, labels, calib, evals, fit, distiller=distiller)
+        return distill.make_builder(sd, split, prep, calib, args,
+                                    log=lambda m: print(m, file=sys.stderr, flush=True))
+
+    make_split(args, full, prep, labels, calib, evals, fit,
+               distiller=distiller if args.bottleneck == "distilled" else None)
     if args.samples:
         write_samples(evals, pathlib.Path(args.samples))
 
@@ -489,19 +490,25 @@ def main():
                              "distillation (needs torch, see requirements.txt and distill.py)")
         sp.add_argument("--channels", type=int, default=12, help="bottleneck width")
         d = sp.add_argument_group("head distillation (--bottleneck distilled)")
-        d.add_argument("--stride", type=int, choices=[1, 2], default=2,
+        d.add_argument("--stride", type=int, choices=[1, 2], default=1,
                        help="the encoder's stride: 2 halves the bottleneck's height and width")
-        d.add_argument("--train-views", type=int, default=2400,
+        d.add_argument("--train-views", type=int, default=3200,
                        help="augmented training views (teacher outputs computed once each)")
-        d.add_argument("--recon-steps", type=int, default=800,
-                       help="first steps: reconstruct the split tensor only")
-        d.add_argument("--steps", type=int, default=500,
+        d.add_argument("--recon-steps", type=int, default=1000,
+                       help="first steps: match the split tensor and blocks.7.out only (cheap)")
+        d.add_argument("--steps", type=int, default=1400,
                        help="then steps of distillation through the frozen tail")
         d.add_argument("--batch", type=int, default=16)
         d.add_argument("--lr", type=float, default=2e-3)
         d.add_argument("--width", type=int, default=96, help="encoder/decoder hidden channels")
+        d.add_argument("--init", choices=["pca", "random"], default="pca",
+                       help="pca: start from the PCA bottleneck plus a zero nonlinear path")
         d.add_argument("--seed", type=int, default=0)
         d.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+        d.add_argument("--synthetic", type=float, default=0.0,
+                       help="fraction of training views drawn from synthetic dead-leaves images")
+        d.add_argument("--permute-channels", action="store_true",
+                       help="also permute the RGB channels of half the colour training views")
         d.add_argument("--no-extra-images", action="store_true",
                        help="train on scikit-image's calibration photographs only")
         d.add_argument("--wheel-cache", default=str(pathlib.Path.home() / ".cache" / "cleave-tools"),

@@ -102,8 +102,8 @@ async fn head_and_tail_binaries_agree_with_the_full_model_and_count_every_byte()
     );
 
     // Split results agree with the full model where the bundle's fidelity says they should:
-    // on every image where the full model is confident, and overall at least as often as the
-    // bundle's measured agreement (with slack for a small sample).
+    // on every image where the full model is confident (p >= 0.7), and overall at least as
+    // often as the bundle's measured agreement allows on six images (with binomial slack).
     let bundle = Bundle::open(default_bundle()).unwrap();
     let fidelity = bundle
         .manifest()
@@ -115,7 +115,7 @@ async fn head_and_tail_binaries_agree_with_the_full_model_and_count_every_byte()
     for (report, &(index, score)) in reports.iter().zip(&reference) {
         let split = report["top5"][0]["index"].as_u64().unwrap() as usize;
         agree += usize::from(split == index);
-        if score >= 0.7 && fidelity.top1_agreement >= 0.9 {
+        if score >= 0.7 {
             assert_eq!(
                 split, index,
                 "confident full-model class lost by the split: {report}"

@@ -87,6 +87,12 @@ impl Bundle {
         Ok(Self { dir, manifest, id })
     }
 
+    /// The id a manifest's text should carry: the sha256 of the text with its first
+    /// `id = ` line (newline included) removed. Tools that write or edit a manifest use this.
+    pub fn id_of_manifest(text: &str) -> BundleId {
+        content_id(text)
+    }
+
     /// The bundle id: sha256 of the manifest without its `id` line.
     pub fn id(&self) -> BundleId {
         self.id

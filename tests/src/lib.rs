@@ -11,7 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -215,21 +214,15 @@ pub fn bundle_variant(from: &Path, label: &str, edit: impl FnOnce(String) -> Str
     dir
 }
 
-/// The manifest text with its `id` line set to the hash of the rest (the bundle-id rule).
+/// The manifest text with its `id` line set to the id of the rest (the engine's rule).
 pub fn with_recomputed_id(text: &str) -> String {
-    let mut hasher = Sha256::new();
-    let mut lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let id = cleave_engine::Bundle::id_of_manifest(text);
+    let mut lines: Vec<String> = text.split_inclusive('\n').map(str::to_string).collect();
     let at = lines
         .iter()
         .position(|l| l.starts_with("id = "))
         .expect("manifest has an id line");
-    lines.remove(at);
-    for line in &lines {
-        hasher.update(line.as_bytes());
-    }
-    let id = hex::encode(hasher.finalize());
-    let line = format!("id = \"{id}\"\n");
-    lines.insert(at, &line);
+    lines[at] = format!("id = \"{id}\"\n");
     lines.concat()
 }
 

@@ -1,7 +1,9 @@
 //! The identity of a model bundle: 32 bytes (a sha256), shown as 64 hex digits.
 //!
-//! Head and tail compare bundle ids before they exchange frames, and every frame carries the id
-//! it was coded for, so features from one model never reach another model's tail.
+//! Head and tail compare bundle ids before they exchange frames, and every frame carries a
+//! [`BundleTag`] (the id's first 8 bytes) of the bundle it was coded for, so features from one
+//! model never reach another model's tail. The tag keeps the frame header within 32 bytes; the
+//! full id is compared once per stream, when head and tail negotiate.
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,6 +21,13 @@ impl BundleId {
     /// The raw digest bytes.
     pub const fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+
+    /// The tag frames carry: the first 8 bytes.
+    pub fn tag(&self) -> BundleTag {
+        let mut tag = [0u8; 8];
+        tag.copy_from_slice(&self.0[..8]);
+        BundleTag(tag)
     }
 
     /// The first 12 hex digits, for log lines and tables.
@@ -39,6 +48,25 @@ impl fmt::Display for BundleId {
 impl fmt::Debug for BundleId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "BundleId({self})")
+    }
+}
+
+/// The first 8 bytes of a [`BundleId`], as a frame header carries it; shown as 16 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BundleTag(pub [u8; 8]);
+
+impl fmt::Display for BundleTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for BundleTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BundleTag({self})")
     }
 }
 

@@ -1,70 +1,120 @@
-//! The feature frame: a versioned, checksummed container for one quantized tensor.
+//! The feature frame, version 1: a small checksummed header and one coded tensor.
 //!
-//! Layout (version 0, all integers little-endian; `docs/frame-format.md` has the table):
+//! Layout (little-endian; `docs/frame-format.md` has the table and the reasons):
 //!
 //! ```text
-//! magic "CLVF" | version u8 | codec u8 | granularity u8 | bits u8 | bundle id [32]
-//! | rank u8 | reserved [3] | dims u32 × rank | (min f32, scale f32) × groups
-//! | payload length u32 | payload | crc32 u32 (over every byte before it)
+//! magic "CLVF" | version u8 | flags u8 | codec u8 | bits u8 | table u8 | bundle tag [8]
+//! | rank u8 | dims varint × rank | [inline: granularity u8, (min f32, step f32) × groups]
+//! | payload length varint | payload | crc32 u32 (over every byte before it)
 //! ```
 //!
-//! Decoding treats the bytes as hostile: lengths and element counts are checked against
-//! [`Limits`] and against each other before any buffer is sized from them, and the payload is
-//! decompressed into a buffer of exactly the declared element count, never more.
+//! A frame coded with the bundle's tables carries no quantization parameters: the bundled
+//! model's 12×28×28 frame has a 23-byte header and a 4-byte checksum.
+//!
+//! Decoding treats the bytes as hostile: every length and element count is checked against
+//! [`Limits`] and against the bytes present before anything is sized from it.
 
-use crate::{BundleId, Granularity, Quantized};
+use crate::ans;
+use crate::pack;
+use crate::quantize::{AffineRange, Granularity, MAX_BITS, MIN_BITS, Quantizer, max_symbol};
+use crate::tables::CodingTables;
+use crate::{BundleTag, QuantError};
 
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"CLVF";
 /// The frame format version this crate writes and reads.
-pub const FORMAT_VERSION: u8 = 0;
-/// Bytes before the dims: magic, version, codec, granularity, bits, bundle id, rank, reserved.
-const FIXED_HEADER: usize = 4 + 4 + 32 + 4;
+pub const FORMAT_VERSION: u8 = 1;
+/// Flag: the frame carries its own quantization ranges.
+const FLAG_INLINE: u8 = 1;
 /// Most axes a frame's tensor may have.
 const MAX_RANK: usize = 4;
-/// Level used for zstd; chosen for speed on a weak CPU (see the benchmark in cleave-bench).
-const ZSTD_LEVEL: i32 = 3;
 
 /// How the payload's symbols are coded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Codec {
-    /// The symbols as they are, one byte each.
+    /// Bit-packed at the frame's bit depth.
     Raw,
-    /// The symbols compressed with zstd.
+    /// One byte per symbol, compressed with zstd.
     Zstd,
+    /// ANS entropy coding under the bundle's prior for the frame's table.
+    Ans,
 }
 
 impl Codec {
+    /// Every codec, in id order.
+    pub const ALL: [Codec; 3] = [Codec::Raw, Codec::Zstd, Codec::Ans];
+
     fn id(self) -> u8 {
         match self {
             Codec::Raw => 0,
             Codec::Zstd => 1,
+            Codec::Ans => 2,
         }
     }
 
     fn from_id(id: u8) -> Result<Self, FrameError> {
-        match id {
-            0 => Ok(Codec::Raw),
-            1 => Ok(Codec::Zstd),
-            other => Err(FrameError::UnknownCodec(other)),
-        }
+        Codec::ALL
+            .into_iter()
+            .find(|c| c.id() == id)
+            .ok_or(FrameError::UnknownCodec(id))
     }
 
-    /// The name used in manifests and reports.
+    /// The name used in manifests, flags and reports.
     pub fn name(self) -> &'static str {
         match self {
             Codec::Raw => "raw",
             Codec::Zstd => "zstd",
+            Codec::Ans => "ans",
         }
     }
 
-    /// Parses a manifest name (`raw`, `zstd`).
+    /// Parses a name (`raw`, `zstd`, `ans`).
     pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "raw" => Some(Codec::Raw),
-            "zstd" => Some(Codec::Zstd),
-            _ => None,
+        Codec::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
+/// Which quantizer and prior a frame was coded with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Coding {
+    /// Affine at `bits`, ranges fitted to this frame and carried in it (no tables needed).
+    Inline {
+        /// Bit depth.
+        bits: u8,
+    },
+    /// The bundle's calibrated level at `bits`: its clipping ranges and static prior.
+    Calibrated {
+        /// Bit depth.
+        bits: u8,
+    },
+    /// The bundle's learned factorized prior (integer symbols).
+    Learned,
+}
+
+impl Coding {
+    fn table_id(self) -> u8 {
+        match self {
+            Coding::Inline { .. } => 0,
+            Coding::Calibrated { .. } => 1,
+            Coding::Learned => 2,
+        }
+    }
+
+    fn bits(self) -> u8 {
+        match self {
+            Coding::Inline { bits } | Coding::Calibrated { bits } => bits,
+            Coding::Learned => 0,
+        }
+    }
+}
+
+impl std::fmt::Display for Coding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Coding::Inline { bits } => write!(f, "{bits}-bit inline"),
+            Coding::Calibrated { bits } => write!(f, "{bits}-bit calibrated"),
+            Coding::Learned => write!(f, "learned prior"),
         }
     }
 }
@@ -95,22 +145,36 @@ pub struct FrameHeader {
     pub version: u8,
     /// Payload codec.
     pub codec: Codec,
+    /// Quantizer and prior.
+    pub coding: Coding,
     /// The bundle whose head produced the tensor.
-    pub bundle_id: BundleId,
+    pub bundle_tag: BundleTag,
     /// Tensor shape.
     pub shape: Vec<usize>,
 }
 
-/// A decoded frame.
+/// A decoded frame: its header, its symbols and the quantizer that restores them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedFrame {
     /// The header fields.
     pub header: FrameHeader,
-    /// The tensor's symbols and quantization parameters.
-    pub quantized: Quantized,
+    /// One symbol per element, row-major.
+    pub symbols: Vec<i32>,
+    /// The quantizer the symbols were made with.
+    pub quantizer: Quantizer,
 }
 
-/// Why bytes are not a valid frame.
+impl DecodedFrame {
+    /// Restores the tensor.
+    pub fn dequantize(&self) -> Vec<f32> {
+        // The decoder checked the quantizer against the shape, so this cannot fail.
+        self.quantizer
+            .dequantize(&self.symbols, &self.header.shape)
+            .unwrap_or_default()
+    }
+}
+
+/// Why bytes are not a valid frame, or a tensor could not be made into one.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {
@@ -136,18 +200,30 @@ pub enum FrameError {
     /// A version this decoder does not read.
     #[error("unsupported frame version {0} (this build reads version {FORMAT_VERSION})")]
     UnsupportedVersion(u8),
+    /// Flag bits this decoder does not know.
+    #[error("unknown frame flags {0:#04x} (known: 0x01 inline parameters)")]
+    UnknownFlags(u8),
     /// A codec id this decoder does not know.
-    #[error("unknown codec id {0} (known: 0 raw, 1 zstd)")]
+    #[error("unknown codec id {0} (known: 0 raw, 1 zstd, 2 ans)")]
     UnknownCodec(u8),
+    /// A table id this decoder does not know.
+    #[error("unknown coding table id {0} (known: 0 inline, 1 calibrated, 2 learned)")]
+    UnknownTable(u8),
+    /// Fields that contradict each other, or a codec that cannot code this kind of symbol.
+    #[error("inconsistent header: {0}")]
+    Inconsistent(String),
     /// A granularity id this decoder does not know.
     #[error("unknown quantization granularity {0} (known: 0 per tensor, 1 per channel)")]
     UnknownGranularity(u8),
-    /// A bit depth this decoder does not read.
-    #[error("unsupported bit depth {0} (version 0 carries 8-bit symbols)")]
-    UnsupportedBits(u8),
+    /// The frame needs a coding table this decoder's bundle does not have.
+    #[error("frame is coded with the bundle's {0}, which this decoder's bundle does not have")]
+    MissingTable(Coding),
     /// Rank 0, above the maximum, or a zero-length axis.
     #[error("bad tensor shape {0:?}")]
     BadShape(Vec<u64>),
+    /// A length field is not a valid varint.
+    #[error("bad varint at byte {0}")]
+    BadVarint(usize),
     /// The declared tensor is larger than the decoder accepts.
     #[error("tensor of {declared} elements exceeds the limit of {limit}")]
     TooManyElements {
@@ -156,15 +232,25 @@ pub enum FrameError {
         /// The limit.
         limit: usize,
     },
-    /// A quantization parameter is NaN, infinite, or a scale is not positive.
-    #[error("bad quantization parameters for group {group}: min {min}, scale {scale}")]
+    /// The shape does not fit the coding table.
+    #[error("shape {shape:?} does not fit the bundle's {coding}: {reason}")]
+    TableShape {
+        /// The frame's shape.
+        shape: Vec<usize>,
+        /// The table.
+        coding: Coding,
+        /// What does not fit.
+        reason: String,
+    },
+    /// An inline range is NaN, infinite, or has a step that is not positive.
+    #[error("bad quantization parameters for group {group}: min {min}, step {step}")]
     BadParams {
         /// Group index.
         group: usize,
         /// Declared minimum.
         min: f32,
-        /// Declared scale.
-        scale: f32,
+        /// Declared step.
+        step: f32,
     },
     /// The declared payload length does not match the bytes present.
     #[error("payload length {declared} does not match the {actual} bytes in the frame")]
@@ -182,7 +268,7 @@ pub enum FrameError {
         /// Checksum of the bytes.
         computed: u32,
     },
-    /// The payload does not decompress to exactly the declared element count.
+    /// The payload does not decode to exactly the declared symbols.
     #[error("payload does not decode to {expected} symbols: {reason}")]
     Payload {
         /// Symbols expected.
@@ -190,60 +276,81 @@ pub enum FrameError {
         /// What went wrong.
         reason: String,
     },
+    /// The tensor given to the encoder cannot be quantized.
+    #[error("cannot quantize: {0}")]
+    Quantize(#[from] QuantError),
     /// The tensor given to the encoder has a rank this format cannot carry.
     #[error("cannot encode a tensor of rank {0} (1 to {MAX_RANK} axes)")]
     UnencodableRank(usize),
+    /// Rate control was asked of a bundle without calibrated levels.
+    #[error("a byte budget needs the bundle's calibrated levels; this bundle has none")]
+    Uncalibrated,
+    /// No calibrated level fits the byte budget.
+    #[error("no bit depth fits {budget} bytes; the smallest frame is {smallest} bytes")]
+    OverBudget {
+        /// The budget.
+        budget: usize,
+        /// The smallest frame the tables allow.
+        smallest: usize,
+    },
 }
 
-/// Encodes a quantized tensor as a frame for `bundle_id`.
-///
-/// # Errors
-///
-/// [`FrameError::UnencodableRank`] for a tensor of no or more than four axes, and
-/// [`FrameError::Payload`] if the compressor fails.
-pub fn encode_frame(
-    bundle_id: &BundleId,
-    quantized: &Quantized,
-    codec: Codec,
-) -> Result<Vec<u8>, FrameError> {
-    let rank = quantized.shape.len();
+/// What [`write_frame`] lays out.
+pub(crate) struct FrameParts<'a> {
+    pub(crate) codec: Codec,
+    pub(crate) coding: Coding,
+    pub(crate) tag: BundleTag,
+    pub(crate) shape: &'a [usize],
+    /// `Some` for inline coding: the granularity and its ranges.
+    pub(crate) inline: Option<(Granularity, &'a [AffineRange])>,
+    pub(crate) payload: &'a [u8],
+}
+
+/// Lays out a frame.
+pub(crate) fn write_frame(parts: &FrameParts<'_>) -> Result<Vec<u8>, FrameError> {
+    let rank = parts.shape.len();
     if rank == 0 || rank > MAX_RANK {
         return Err(FrameError::UnencodableRank(rank));
     }
-    let payload = match codec {
-        Codec::Raw => quantized.symbols.clone(),
-        Codec::Zstd => zstd::bulk::compress(&quantized.symbols, ZSTD_LEVEL).map_err(|e| {
-            FrameError::Payload {
-                expected: quantized.symbols.len(),
-                reason: e.to_string(),
-            }
-        })?,
-    };
-    let header_len = FIXED_HEADER + 4 * rank + 8 * quantized.params.len() + 4;
-    let mut out = Vec::with_capacity(header_len + payload.len() + 4);
+    let mut out = Vec::with_capacity(32 + parts.payload.len());
     out.extend_from_slice(&MAGIC);
     out.push(FORMAT_VERSION);
-    out.push(codec.id());
-    out.push(match quantized.granularity {
-        Granularity::PerTensor => 0,
-        Granularity::PerChannel => 1,
+    out.push(if parts.inline.is_some() {
+        FLAG_INLINE
+    } else {
+        0
     });
-    out.push(8);
-    out.extend_from_slice(bundle_id.as_bytes());
+    out.push(parts.codec.id());
+    out.push(parts.coding.bits());
+    out.push(parts.coding.table_id());
+    out.extend_from_slice(&parts.tag.0);
     out.push(rank as u8);
-    out.extend_from_slice(&[0; 3]);
-    for &dim in &quantized.shape {
-        out.extend_from_slice(&(dim as u32).to_le_bytes());
+    for &dim in parts.shape {
+        write_varint(&mut out, dim as u64);
     }
-    for &(min, scale) in &quantized.params {
-        out.extend_from_slice(&min.to_le_bytes());
-        out.extend_from_slice(&scale.to_le_bytes());
+    if let Some((granularity, ranges)) = parts.inline {
+        out.push(match granularity {
+            Granularity::PerTensor => 0,
+            Granularity::PerChannel => 1,
+        });
+        for range in ranges {
+            out.extend_from_slice(&range.min.to_le_bytes());
+            out.extend_from_slice(&range.step.to_le_bytes());
+        }
     }
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&payload);
+    write_varint(&mut out, parts.payload.len() as u64);
+    out.extend_from_slice(parts.payload);
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     Ok(out)
+}
+
+fn write_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
 }
 
 /// A cursor over untrusted bytes that reports truncation instead of panicking.
@@ -277,288 +384,253 @@ impl<'a> Reader<'a> {
         Ok(self.array::<1>()?[0])
     }
 
-    fn u32(&mut self) -> Result<u32, FrameError> {
-        Ok(u32::from_le_bytes(self.array()?))
-    }
-
     fn f32(&mut self) -> Result<f32, FrameError> {
         Ok(f32::from_le_bytes(self.array()?))
     }
+
+    /// A LEB128 varint of at most 32 bits, in its shortest form.
+    fn varint(&mut self) -> Result<u32, FrameError> {
+        let start = self.at;
+        let mut value: u64 = 0;
+        for i in 0..5 {
+            let byte = self.u8()?;
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                let overlong = i > 0 && byte == 0;
+                return u32::try_from(value)
+                    .ok()
+                    .filter(|_| !overlong)
+                    .ok_or(FrameError::BadVarint(start));
+            }
+        }
+        Err(FrameError::BadVarint(start))
+    }
 }
 
-/// Decodes and checks a frame from untrusted bytes.
-///
-/// # Errors
-///
-/// A [`FrameError`] naming the first problem found; the checks run in the order of the
-/// layout, and the checksum is verified before the payload is decompressed.
-pub fn decode_frame(bytes: &[u8], limits: &Limits) -> Result<DecodedFrame, FrameError> {
-    if bytes.len() > limits.max_frame_bytes {
-        return Err(FrameError::TooLarge {
-            actual: bytes.len(),
-            limit: limits.max_frame_bytes,
-        });
+/// Decodes frames for one bundle: checks untrusted bytes and restores their symbols with the
+/// bundle's coding tables (or the frame's own parameters).
+#[derive(Debug, Clone)]
+pub struct FrameDecoder {
+    tables: Option<CodingTables>,
+    limits: Limits,
+}
+
+impl FrameDecoder {
+    /// A decoder with the bundle's tables (`None` for a bundle without calibration: only
+    /// inline frames decode) and the given limits.
+    pub fn new(tables: Option<CodingTables>, limits: Limits) -> Self {
+        Self { tables, limits }
     }
-    let mut r = Reader { bytes, at: 0 };
-    let magic = r.array::<4>()?;
-    if magic != MAGIC {
-        return Err(FrameError::BadMagic(magic));
+
+    /// Decodes and checks a frame from untrusted bytes.
+    ///
+    /// # Errors
+    ///
+    /// A [`FrameError`] naming the first problem found; the checks run in the order of the
+    /// layout, and the checksum is verified before the payload is decoded.
+    pub fn decode(&self, bytes: &[u8]) -> Result<DecodedFrame, FrameError> {
+        let limits = &self.limits;
+        if bytes.len() > limits.max_frame_bytes {
+            return Err(FrameError::TooLarge {
+                actual: bytes.len(),
+                limit: limits.max_frame_bytes,
+            });
+        }
+        let mut r = Reader { bytes, at: 0 };
+        let magic = r.array::<4>()?;
+        if magic != MAGIC {
+            return Err(FrameError::BadMagic(magic));
+        }
+        let version = r.u8()?;
+        if version != FORMAT_VERSION {
+            return Err(FrameError::UnsupportedVersion(version));
+        }
+        let flags = r.u8()?;
+        if flags & !FLAG_INLINE != 0 {
+            return Err(FrameError::UnknownFlags(flags));
+        }
+        let codec = Codec::from_id(r.u8()?)?;
+        let bits = r.u8()?;
+        let coding = header_coding(flags & FLAG_INLINE != 0, r.u8()?, bits, codec)?;
+        let bundle_tag = BundleTag(r.array()?);
+        let shape = read_shape(&mut r, limits)?;
+        let elements: usize = shape.iter().product();
+        let quantizer = match coding {
+            Coding::Inline { bits } => read_inline(&mut r, bytes.len(), &shape, bits)?,
+            _ => self.table_quantizer(coding, &shape)?,
+        };
+        let payload_len = r.varint()?;
+        let rest = bytes.len() - r.at;
+        if rest < 4 || u64::from(payload_len) != (rest - 4) as u64 {
+            return Err(FrameError::PayloadLength {
+                declared: u64::from(payload_len),
+                actual: rest.saturating_sub(4),
+            });
+        }
+        let payload = r.take(payload_len as usize)?;
+        let stored = u32::from_le_bytes(r.array()?);
+        let computed = crc32fast::hash(&bytes[..bytes.len() - 4]);
+        if stored != computed {
+            return Err(FrameError::Checksum { stored, computed });
+        }
+        let symbols = self.decode_payload(codec, coding, payload, elements)?;
+        Ok(DecodedFrame {
+            header: FrameHeader {
+                version,
+                codec,
+                coding,
+                bundle_tag,
+                shape,
+            },
+            symbols,
+            quantizer,
+        })
     }
-    let version = r.u8()?;
-    if version != FORMAT_VERSION {
-        return Err(FrameError::UnsupportedVersion(version));
+
+    fn table_quantizer(&self, coding: Coding, shape: &[usize]) -> Result<Quantizer, FrameError> {
+        let missing = FrameError::MissingTable(coding);
+        let tables = self.tables.as_ref().ok_or(missing.clone())?;
+        let quantizer = match coding {
+            Coding::Calibrated { bits } => &tables.level(bits).ok_or(missing)?.quantizer,
+            _ => &tables.learned().ok_or(missing)?.quantizer,
+        };
+        if shape[0] != tables.channels() {
+            return Err(FrameError::TableShape {
+                shape: shape.to_vec(),
+                coding,
+                reason: format!("the tables are for {} channels", tables.channels()),
+            });
+        }
+        Ok(quantizer.clone())
     }
-    let codec = Codec::from_id(r.u8()?)?;
-    let granularity = match r.u8()? {
-        0 => Granularity::PerTensor,
-        1 => Granularity::PerChannel,
-        other => return Err(FrameError::UnknownGranularity(other)),
+
+    fn decode_payload(
+        &self,
+        codec: Codec,
+        coding: Coding,
+        payload: &[u8],
+        elements: usize,
+    ) -> Result<Vec<i32>, FrameError> {
+        let payload_error = |reason: String| FrameError::Payload {
+            expected: elements,
+            reason,
+        };
+        let bits = coding.bits();
+        let symbols = match codec {
+            Codec::Raw => pack::unpack(payload, elements, bits).ok_or_else(|| {
+                payload_error(format!(
+                    "{} bytes is not {elements} symbols of {bits} bits",
+                    payload.len()
+                ))
+            })?,
+            Codec::Zstd => {
+                let bytes = zstd::bulk::decompress(payload, elements)
+                    .map_err(|e| payload_error(e.to_string()))?;
+                if bytes.len() != elements {
+                    return Err(payload_error(format!("got {} symbols", bytes.len())));
+                }
+                let top = max_symbol(bits);
+                let symbols: Vec<i32> = bytes.into_iter().map(i32::from).collect();
+                if let Some(bad) = symbols.iter().find(|&&s| s > top) {
+                    return Err(payload_error(format!("symbol {bad} exceeds {bits} bits")));
+                }
+                symbols
+            }
+            Codec::Ans => {
+                let tables = self
+                    .tables
+                    .as_ref()
+                    .ok_or(FrameError::MissingTable(coding))?;
+                let prior = match coding {
+                    Coding::Calibrated { bits } => tables.level(bits).map(|l| &l.prior),
+                    _ => tables.learned().map(|l| &l.prior),
+                }
+                .ok_or(FrameError::MissingTable(coding))?;
+                ans::decode(prior, payload, elements).map_err(|e| payload_error(e.to_string()))?
+            }
+        };
+        Ok(symbols)
+    }
+}
+
+/// The coding a header's flags, table id, bit depth and codec describe, if they agree.
+fn header_coding(inline: bool, table: u8, bits: u8, codec: Codec) -> Result<Coding, FrameError> {
+    let inconsistent = |what: &str| Err(FrameError::Inconsistent(what.to_owned()));
+    let affine_bits = (MIN_BITS..=MAX_BITS).contains(&bits);
+    let coding = match table {
+        0 if !inline => return inconsistent("table 0 (inline) without the inline flag"),
+        0 => Coding::Inline { bits },
+        _ if inline => return inconsistent("the inline flag with a bundle table"),
+        1 => Coding::Calibrated { bits },
+        2 => Coding::Learned,
+        other => return Err(FrameError::UnknownTable(other)),
     };
-    let bits = r.u8()?;
-    if bits != 8 {
-        return Err(FrameError::UnsupportedBits(bits));
+    match coding {
+        Coding::Learned if bits != 0 => inconsistent("learned prior with a bit depth"),
+        Coding::Learned if codec != Codec::Ans => {
+            inconsistent("learned-prior symbols are coded only with ans")
+        }
+        Coding::Inline { .. } if codec == Codec::Ans => {
+            inconsistent("ans needs the bundle's prior, an inline frame has none")
+        }
+        Coding::Inline { .. } | Coding::Calibrated { .. } if !affine_bits => {
+            inconsistent(&format!("bit depth {bits} outside {MIN_BITS}..={MAX_BITS}"))
+        }
+        _ => Ok(coding),
     }
-    let bundle_id = BundleId::from_bytes(r.array()?);
+}
+
+fn read_shape(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<usize>, FrameError> {
     let rank = usize::from(r.u8()?);
-    r.take(3)?;
     if rank == 0 || rank > MAX_RANK {
         return Err(FrameError::BadShape(vec![rank as u64]));
     }
     let mut dims = Vec::with_capacity(rank);
     for _ in 0..rank {
-        dims.push(u64::from(r.u32()?));
+        dims.push(u64::from(r.varint()?));
     }
-    let declared: u128 = dims.iter().map(|&d| u128::from(d)).product();
     if dims.contains(&0) {
         return Err(FrameError::BadShape(dims));
     }
+    let declared: u128 = dims.iter().map(|&d| u128::from(d)).product();
     if declared > limits.max_elements as u128 {
         return Err(FrameError::TooManyElements {
             declared,
             limit: limits.max_elements,
         });
     }
-    let elements = declared as usize;
-    let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+    Ok(dims.iter().map(|&d| d as usize).collect())
+}
+
+fn read_inline(
+    r: &mut Reader<'_>,
+    frame_len: usize,
+    shape: &[usize],
+    bits: u8,
+) -> Result<Quantizer, FrameError> {
+    let granularity = r.u8()?;
     let groups = match granularity {
-        Granularity::PerTensor => 1,
-        Granularity::PerChannel => shape[0],
+        0 => 1,
+        1 => shape[0],
+        other => return Err(FrameError::UnknownGranularity(other)),
     };
-    // Each group costs 8 header bytes, so this check bounds the allocation below by the
-    // frame's own length.
-    let params_len = groups.saturating_mul(8);
-    if params_len > bytes.len() {
+    // Each group costs 8 bytes, so this bounds the allocation below by the frame's length.
+    let needed = groups.saturating_mul(8);
+    if needed > frame_len {
         return Err(FrameError::Truncated {
-            needed: params_len,
-            actual: bytes.len(),
+            needed,
+            actual: frame_len,
         });
     }
-    let mut params = Vec::with_capacity(groups);
+    let mut ranges = Vec::with_capacity(groups);
     for group in 0..groups {
-        let (min, scale) = (r.f32()?, r.f32()?);
-        if !min.is_finite() || !scale.is_finite() || scale <= 0.0 {
-            return Err(FrameError::BadParams { group, min, scale });
+        let (min, step) = (r.f32()?, r.f32()?);
+        // The largest symbol must dequantize to a finite value too.
+        let top = min + max_symbol(bits) as f32 * step;
+        if !min.is_finite() || !step.is_finite() || step <= 0.0 || !top.is_finite() {
+            return Err(FrameError::BadParams { group, min, step });
         }
-        params.push((min, scale));
+        ranges.push(AffineRange { min, step });
     }
-    let payload_len = r.u32()?;
-    let rest = bytes.len() - r.at;
-    if rest < 4 || u64::from(payload_len) != (rest - 4) as u64 {
-        return Err(FrameError::PayloadLength {
-            declared: u64::from(payload_len),
-            actual: rest.saturating_sub(4),
-        });
-    }
-    let payload = r.take(payload_len as usize)?;
-    let stored = r.u32()?;
-    let computed = crc32fast::hash(&bytes[..bytes.len() - 4]);
-    if stored != computed {
-        return Err(FrameError::Checksum { stored, computed });
-    }
-    let symbols = match codec {
-        Codec::Raw => payload.to_vec(),
-        Codec::Zstd => decompress_exact(payload, elements)?,
-    };
-    if symbols.len() != elements {
-        return Err(FrameError::Payload {
-            expected: elements,
-            reason: format!("got {} symbols", symbols.len()),
-        });
-    }
-    Ok(DecodedFrame {
-        header: FrameHeader {
-            version,
-            codec,
-            bundle_id,
-            shape: shape.clone(),
-        },
-        quantized: Quantized {
-            shape,
-            granularity,
-            params,
-            symbols,
-        },
-    })
-}
-
-/// Decompresses a zstd payload into at most `expected` bytes.
-fn decompress_exact(payload: &[u8], expected: usize) -> Result<Vec<u8>, FrameError> {
-    zstd::bulk::decompress(payload, expected).map_err(|e| FrameError::Payload {
-        expected,
-        reason: e.to_string(),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::quantize;
-    use proptest::prelude::*;
-
-    fn sample(codec: Codec) -> Vec<u8> {
-        let data: Vec<f32> = (0..4 * 5 * 5)
-            .map(|i| (i as f32 * 0.37).sin() * 3.0)
-            .collect();
-        let q = quantize(&data, &[4, 5, 5], Granularity::PerChannel).unwrap();
-        encode_frame(&BundleId::from_bytes([9; 32]), &q, codec).unwrap()
-    }
-
-    #[test]
-    fn round_trip_both_codecs() {
-        for codec in [Codec::Raw, Codec::Zstd] {
-            let bytes = sample(codec);
-            let frame = decode_frame(&bytes, &Limits::default()).unwrap();
-            assert_eq!(frame.header.codec, codec);
-            assert_eq!(frame.header.shape, vec![4, 5, 5]);
-            assert_eq!(frame.quantized.symbols.len(), 100);
-        }
-    }
-
-    #[test]
-    fn every_flipped_bit_is_an_error() {
-        let bytes = sample(Codec::Zstd);
-        for i in 0..bytes.len() * 8 {
-            let mut damaged = bytes.clone();
-            damaged[i / 8] ^= 1 << (i % 8);
-            assert!(
-                decode_frame(&damaged, &Limits::default()).is_err(),
-                "bit {i} not caught"
-            );
-        }
-    }
-
-    #[test]
-    fn every_truncation_is_an_error() {
-        let bytes = sample(Codec::Raw);
-        for len in 0..bytes.len() {
-            assert!(
-                decode_frame(&bytes[..len], &Limits::default()).is_err(),
-                "len {len}"
-            );
-        }
-    }
-
-    #[test]
-    fn huge_declared_shape_is_refused_before_allocation() {
-        // A short frame that claims 2^40 elements.
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(&MAGIC);
-        bytes.extend_from_slice(&[FORMAT_VERSION, 1, 0, 8]);
-        bytes.extend_from_slice(&[0; 32]);
-        bytes.extend_from_slice(&[2, 0, 0, 0]);
-        bytes.extend_from_slice(&(1u32 << 20).to_le_bytes());
-        bytes.extend_from_slice(&(1u32 << 20).to_le_bytes());
-        assert!(matches!(
-            decode_frame(&bytes, &Limits::default()),
-            Err(FrameError::TooManyElements { declared, .. }) if declared == 1 << 40
-        ));
-    }
-
-    #[test]
-    fn many_channels_in_a_short_frame_are_refused() {
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(&MAGIC);
-        bytes.extend_from_slice(&[FORMAT_VERSION, 0, 1, 8]);
-        bytes.extend_from_slice(&[0; 32]);
-        bytes.extend_from_slice(&[1, 0, 0, 0]);
-        bytes.extend_from_slice(&(1u32 << 23).to_le_bytes());
-        assert!(matches!(
-            decode_frame(&bytes, &Limits::default()),
-            Err(FrameError::Truncated { .. })
-        ));
-    }
-
-    #[test]
-    fn limits_are_enforced() {
-        let bytes = sample(Codec::Raw);
-        let small = Limits {
-            max_frame_bytes: 50,
-            ..Limits::default()
-        };
-        assert!(matches!(
-            decode_frame(&bytes, &small),
-            Err(FrameError::TooLarge { .. })
-        ));
-        let few = Limits {
-            max_elements: 99,
-            ..Limits::default()
-        };
-        assert!(matches!(
-            decode_frame(&bytes, &few),
-            Err(FrameError::TooManyElements { .. })
-        ));
-    }
-
-    #[test]
-    fn unknown_version_and_codec_are_named() {
-        let mut bytes = sample(Codec::Raw);
-        bytes[4] = 9;
-        assert_eq!(
-            decode_frame(&bytes, &Limits::default()),
-            Err(FrameError::UnsupportedVersion(9))
-        );
-        let mut bytes = sample(Codec::Raw);
-        bytes[5] = 7;
-        assert_eq!(
-            decode_frame(&bytes, &Limits::default()),
-            Err(FrameError::UnknownCodec(7))
-        );
-    }
-
-    proptest! {
-        #[test]
-        fn round_trip_is_exact_at_symbol_level(
-            shape in proptest::collection::vec(1usize..7, 1..=4),
-            values in proptest::collection::vec(-50.0f32..50.0, 1..64),
-            zstd in any::<bool>(),
-            per_channel in any::<bool>(),
-            id in any::<[u8; 32]>(),
-        ) {
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = values.iter().cycle().take(n).copied().collect();
-            let granularity = if per_channel { Granularity::PerChannel } else { Granularity::PerTensor };
-            let q = quantize(&data, &shape, granularity).unwrap();
-            let codec = if zstd { Codec::Zstd } else { Codec::Raw };
-            let bytes = encode_frame(&BundleId::from_bytes(id), &q, codec).unwrap();
-            let frame = decode_frame(&bytes, &Limits::default()).unwrap();
-            prop_assert_eq!(frame.header.bundle_id, BundleId::from_bytes(id));
-            prop_assert_eq!(frame.quantized, q);
-        }
-
-        #[test]
-        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = decode_frame(&bytes, &Limits::default());
-        }
-
-        #[test]
-        fn valid_header_with_garbage_after_never_panics(
-            tail in proptest::collection::vec(any::<u8>(), 0..256),
-            cut in 0usize..200,
-        ) {
-            let mut bytes = sample(Codec::Zstd);
-            bytes.truncate(cut.min(bytes.len()));
-            bytes.extend_from_slice(&tail);
-            let _ = decode_frame(&bytes, &Limits::default());
-        }
-    }
+    Ok(Quantizer::Affine { bits, ranges })
 }

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use cleave_codec::{CodingTables, LevelRanges};
+
 use crate::backend::{Backend, Model};
 use crate::manifest::{Manifest, ModelFile};
 use crate::{BundleId, EngineError};
@@ -39,6 +41,7 @@ pub struct Bundle {
     dir: PathBuf,
     manifest: Manifest,
     id: BundleId,
+    tables: Option<CodingTables>,
 }
 
 impl Bundle {
@@ -82,9 +85,15 @@ impl Bundle {
             &manifest.models.head,
             &manifest.models.tail,
         ] {
-            verify_file(&dir, file)?;
+            verify_file(&dir, &file.path, &file.sha256)?;
         }
-        Ok(Self { dir, manifest, id })
+        let tables = coding_tables(&dir, &manifest)?;
+        Ok(Self {
+            dir,
+            manifest,
+            id,
+            tables,
+        })
     }
 
     /// The id a manifest's text should carry: the sha256 of the text with its first
@@ -96,6 +105,11 @@ impl Bundle {
     /// The bundle id: sha256 of the manifest without its `id` line.
     pub fn id(&self) -> BundleId {
         self.id
+    }
+
+    /// The bundle's coding tables (calibrated levels and priors), if it was calibrated.
+    pub fn coding_tables(&self) -> Option<&CodingTables> {
+        self.tables.as_ref()
     }
 
     /// The parsed manifest.
@@ -214,9 +228,9 @@ fn validate(manifest: &Manifest) -> Result<(), String> {
         ));
     }
     let q = &manifest.bottleneck.quantization;
-    if q.bits != 8 {
+    if !(cleave_codec::MIN_BITS..=cleave_codec::MAX_BITS).contains(&q.bits) {
         return Err(format!(
-            "bottleneck.quantization.bits {} not supported (8)",
+            "bottleneck.quantization.bits {} not supported (2 to 8)",
             q.bits
         ));
     }
@@ -228,9 +242,21 @@ fn validate(manifest: &Manifest) -> Result<(), String> {
     }
     if cleave_codec::Codec::from_name(&q.codec).is_none() {
         return Err(format!(
-            "bottleneck.quantization.codec {:?} unknown (zstd, raw)",
+            "bottleneck.quantization.codec {:?} unknown (ans, zstd, raw)",
             q.codec
         ));
+    }
+    if q.priors.is_some() != q.priors_sha256.is_some() {
+        return Err("bottleneck.quantization.priors and priors_sha256 go together".into());
+    }
+    if !q.levels.is_empty() && !q.levels.iter().any(|l| l.bits == q.bits) {
+        return Err(format!(
+            "bottleneck.quantization.bits {} has no calibrated level",
+            q.bits
+        ));
+    }
+    if q.levels.is_empty() && q.codec == "ans" {
+        return Err("bottleneck.quantization.codec \"ans\" needs calibrated levels".into());
     }
     if manifest.labels.names.is_empty() {
         return Err("labels.names is empty".into());
@@ -238,15 +264,52 @@ fn validate(manifest: &Manifest) -> Result<(), String> {
     Ok(())
 }
 
-fn verify_file(dir: &Path, file: &ModelFile) -> Result<(), EngineError> {
-    let path = dir.join(&file.path);
-    if Path::new(&file.path)
+/// Reads the priors file (verified like a model) and builds the coding tables the manifest's
+/// levels describe; `None` for a bundle that was never calibrated.
+fn coding_tables(dir: &Path, manifest: &Manifest) -> Result<Option<CodingTables>, EngineError> {
+    let q = &manifest.bottleneck.quantization;
+    let priors = match (&q.priors, &q.priors_sha256) {
+        (Some(path), Some(sha256)) => {
+            let bytes = verify_file(dir, path, sha256)?;
+            let text = String::from_utf8(bytes).map_err(|e| EngineError::Manifest {
+                path: dir.join(path),
+                reason: e.to_string(),
+            })?;
+            Some(text)
+        }
+        _ => None,
+    };
+    if q.levels.is_empty() && priors.is_none() {
+        return Ok(None);
+    }
+    let ranges: Vec<LevelRanges> = q
+        .levels
+        .iter()
+        .map(|l| LevelRanges {
+            bits: l.bits,
+            low: l.low.clone(),
+            high: l.high.clone(),
+        })
+        .collect();
+    let channels = manifest.bottleneck.shape[0];
+    CodingTables::new(channels, &ranges, priors.as_deref())
+        .map(Some)
+        .map_err(|e| EngineError::Manifest {
+            path: dir.join("manifest.toml"),
+            reason: format!("coding tables: {e}"),
+        })
+}
+
+/// Checks that `relative` stays inside the bundle and hashes to `sha256`; returns its bytes.
+fn verify_file(dir: &Path, relative: &str, sha256: &str) -> Result<Vec<u8>, EngineError> {
+    let path = dir.join(relative);
+    if Path::new(relative)
         .components()
         .any(|c| !matches!(c, std::path::Component::Normal(_)))
     {
         return Err(EngineError::Manifest {
             path: dir.join("manifest.toml"),
-            reason: format!("model path {:?} must stay inside the bundle", file.path),
+            reason: format!("file path {relative:?} must stay inside the bundle"),
         });
     }
     let bytes = std::fs::read(&path).map_err(|e| EngineError::Missing {
@@ -254,14 +317,14 @@ fn verify_file(dir: &Path, file: &ModelFile) -> Result<(), EngineError> {
         reason: e.to_string(),
     })?;
     let actual = hex::encode(Sha256::digest(&bytes));
-    if !actual.eq_ignore_ascii_case(&file.sha256) {
+    if !actual.eq_ignore_ascii_case(sha256) {
         return Err(EngineError::Corrupt {
             path,
-            expected: file.sha256.clone(),
+            expected: sha256.to_owned(),
             actual,
         });
     }
-    Ok(())
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -37,7 +37,8 @@ pub use classify::{ClassScore, softmax, top_k};
 pub use cleave_codec::BundleId;
 pub use error::EngineError;
 pub use manifest::{
-    BottleneckSpec, Fidelity, InputSpec, Manifest, ModelFile, QuantizationSpec, Task,
+    BottleneckSpec, Fidelity, InputSpec, Manifest, ModelFile, QuantizationLevel, QuantizationSpec,
+    Task,
 };
 pub use preprocess::Preprocessor;
 pub use tensor::Tensor;

@@ -106,16 +106,48 @@ pub struct BottleneckSpec {
     pub quantization: QuantizationSpec,
 }
 
-/// How the bottleneck is quantized and coded on the wire.
+/// How the bottleneck is quantized and coded on the wire (`docs/coding-tables.md`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizationSpec {
-    /// Bits per symbol.
+    /// The bit depth the head sends by default, 2 to 8.
     pub bits: u8,
-    /// `per_tensor` or `per_channel`.
+    /// `per_tensor` or `per_channel`, for frames that carry their own ranges.
     pub granularity: String,
-    /// Payload codec: `zstd` or `raw`.
+    /// Default payload codec: `ans`, `zstd` or `raw`.
     pub codec: String,
+    /// The prior tables file (`priors.json`), relative to the bundle folder.
+    #[serde(default)]
+    pub priors: Option<String>,
+    /// Hex sha256 of the priors file.
+    #[serde(default)]
+    pub priors_sha256: Option<String>,
+    /// What the clipping ranges and priors were fitted on.
+    #[serde(default)]
+    pub calibrated_on: Option<String>,
+    /// Calibrated bit depths, each with its clipping ranges and measured fidelity.
+    #[serde(default)]
+    pub levels: Vec<QuantizationLevel>,
+}
+
+/// One calibrated bit depth.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizationLevel {
+    /// Bit depth, 2 to 8.
+    pub bits: u8,
+    /// Upper percentile of the clipping range (the lower one is `100 - clip_percentile`).
+    pub clip_percentile: f64,
+    /// Lower clip per channel.
+    pub low: Vec<f32>,
+    /// Upper clip per channel.
+    pub high: Vec<f32>,
+    /// Top-1 agreement with the full model at this depth, on the held-out views.
+    pub top1_agreement: f64,
+    /// Mean KL from the full model at this depth.
+    pub mean_kl: f64,
+    /// Mean ANS payload bytes per frame on the held-out views.
+    pub payload_bytes: u64,
 }
 
 /// Quality of the split as measured by the tool that made the bundle.

@@ -1,13 +1,39 @@
 //! Image in, coded feature frame out: preprocessing, head model, quantization, framing.
+//!
+//! What the frame is coded with is a [`CodingPolicy`]: a fixed bit depth and codec (the
+//! bundle's default unless told otherwise), the bundle's learned prior, or a byte budget per
+//! frame that the codec's rate control meets with the highest bit depth that fits.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cleave_codec::{Codec, Granularity, encode_frame, quantize};
+use cleave_codec::{Choice, Codec, Coding, FrameEncoder, Granularity};
 use cleave_engine::{Backend, Bundle, Model, Preprocessor, Role, Tensor};
 
 use crate::HeadError;
+
+/// How the head codes its frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodingPolicy {
+    /// Always this bit depth and codec (calibrated ranges if the bundle has them, otherwise
+    /// ranges fitted to each frame).
+    Fixed {
+        /// Bit depth, 2 to 8.
+        bits: u8,
+        /// Payload codec.
+        codec: Codec,
+    },
+    /// The bundle's learned factorized prior.
+    Learned,
+    /// The highest calibrated bit depth whose frame fits in `bytes`.
+    Budget {
+        /// Bytes per frame, header included.
+        bytes: usize,
+        /// Payload codec.
+        codec: Codec,
+    },
+}
 
 /// Runs a bundle's head: everything the device does before the uplink.
 #[derive(Debug)]
@@ -15,7 +41,7 @@ pub struct HeadEncoder {
     bundle: Arc<Bundle>,
     preprocessor: Preprocessor,
     model: Model,
-    codec: Codec,
+    policy: CodingPolicy,
     granularity: Granularity,
 }
 
@@ -24,6 +50,10 @@ pub struct HeadEncoder {
 pub struct EncodedFrame {
     /// The coded feature frame (cleave-codec format).
     pub bytes: Vec<u8>,
+    /// What the frame was coded with.
+    pub coding: Coding,
+    /// The payload codec.
+    pub codec: Codec,
     /// Milliseconds spent decoding and preprocessing the image.
     pub preprocess_ms: f64,
     /// Milliseconds spent in the head model, quantization and coding.
@@ -31,7 +61,8 @@ pub struct EncodedFrame {
 }
 
 impl HeadEncoder {
-    /// Loads the bundle's head model with `backend`.
+    /// Loads the bundle's head model with `backend`; frames are coded as the manifest's
+    /// `[bottleneck.quantization]` says until [`with_policy`](Self::with_policy).
     ///
     /// # Errors
     ///
@@ -40,19 +71,63 @@ impl HeadEncoder {
         let model = bundle.load(Role::Head, backend)?;
         let preprocessor = Preprocessor::new(&bundle.manifest().input);
         let q = &bundle.manifest().bottleneck.quantization;
-        // Bundle::open validated both names.
+        // Bundle::open validated the names.
         let codec = Codec::from_name(&q.codec).unwrap_or(Codec::Zstd);
         let granularity = match q.granularity.as_str() {
             "per_tensor" => Granularity::PerTensor,
             _ => Granularity::PerChannel,
         };
+        let policy = CodingPolicy::Fixed {
+            bits: q.bits,
+            codec,
+        };
         Ok(Self {
             bundle,
             preprocessor,
             model,
-            codec,
+            policy,
             granularity,
         })
+    }
+
+    /// Codes frames with `policy` instead of the bundle's default.
+    ///
+    /// # Errors
+    ///
+    /// [`HeadError::Codec`] if the policy needs tables the bundle does not have (a calibrated
+    /// level, the learned prior, or any level for a budget), or `ans` on a bundle without
+    /// priors.
+    pub fn with_policy(mut self, policy: CodingPolicy) -> Result<Self, HeadError> {
+        let tables = self.bundle.coding_tables();
+        let problem = match policy {
+            CodingPolicy::Fixed { bits, codec } => match tables {
+                Some(t) if t.level(bits).is_none() => Some(format!(
+                    "the bundle has no calibrated level at {bits} bits (it has {:?})",
+                    t.levels().iter().map(|l| l.bits).collect::<Vec<_>>()
+                )),
+                None if codec == Codec::Ans => {
+                    Some("ans needs the bundle's priors; this bundle was not calibrated".into())
+                }
+                _ => None,
+            },
+            CodingPolicy::Learned => tables
+                .and_then(|t| t.learned())
+                .is_none()
+                .then(|| "the bundle has no learned prior".to_owned()),
+            CodingPolicy::Budget { .. } => tables
+                .is_none()
+                .then(|| "a byte budget needs a calibrated bundle".to_owned()),
+        };
+        if let Some(problem) = problem {
+            return Err(HeadError::Codec(problem));
+        }
+        self.policy = policy;
+        Ok(self)
+    }
+
+    /// The policy frames are coded with.
+    pub fn policy(&self) -> CodingPolicy {
+        self.policy
     }
 
     /// The bundle this head runs.
@@ -70,7 +145,7 @@ impl HeadEncoder {
     /// # Errors
     ///
     /// [`HeadError::Engine`] if the image does not read or decode or the model fails,
-    /// [`HeadError::Codec`] if the features cannot be coded (e.g. NaN).
+    /// [`HeadError::Codec`] if the features cannot be coded (e.g. NaN, or over budget).
     pub fn encode_path(&self, path: &Path) -> Result<EncodedFrame, HeadError> {
         let started = Instant::now();
         let input = self.preprocessor.from_path(path)?;
@@ -90,12 +165,30 @@ impl HeadEncoder {
         let batch = Tensor::stack(&[input]);
         let features = self.model.run(&batch)?;
         let shape = &self.bundle.manifest().bottleneck.shape;
-        let quantized = quantize(&features.data, shape, self.granularity)
-            .map_err(|e| HeadError::Codec(e.to_string()))?;
-        let bytes = encode_frame(&self.bundle.id(), &quantized, self.codec)
-            .map_err(|e| HeadError::Codec(e.to_string()))?;
+        let tables = self.bundle.coding_tables();
+        let encoder = FrameEncoder::new(self.bundle.id().tag(), tables);
+        let coded = match self.policy {
+            CodingPolicy::Fixed { bits, codec } if tables.is_some() => {
+                encoder.encode(&features.data, shape, Choice::Calibrated { bits, codec })
+            }
+            CodingPolicy::Fixed { bits, codec } => {
+                let choice = Choice::Inline {
+                    bits,
+                    granularity: self.granularity,
+                    codec,
+                };
+                encoder.encode(&features.data, shape, choice)
+            }
+            CodingPolicy::Learned => encoder.encode(&features.data, shape, Choice::Learned),
+            CodingPolicy::Budget { bytes, codec } => {
+                encoder.encode_within(&features.data, shape, bytes, codec)
+            }
+        }
+        .map_err(|e| HeadError::Codec(e.to_string()))?;
         Ok(EncodedFrame {
-            bytes,
+            bytes: coded.bytes,
+            coding: coded.coding,
+            codec: coded.codec,
             preprocess_ms: 0.0,
             head_ms: started.elapsed().as_secs_f64() * 1e3,
         })

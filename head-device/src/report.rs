@@ -50,6 +50,9 @@ pub struct FrameReport {
     /// Result or failure.
     #[serde(flatten)]
     pub outcome: Outcome,
+    /// How the frame was coded (`"4-bit calibrated, ans"`); absent if it was never coded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coding: Option<String>,
     /// Coded feature-frame bytes sent.
     pub bytes_sent: usize,
     /// Bytes of the gRPC message carrying the frame (protobuf plus 5-byte prefix).

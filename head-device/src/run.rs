@@ -33,6 +33,7 @@ struct SentFrame {
     sent: Instant,
     preprocess_ms: f64,
     head_ms: f64,
+    coding: String,
     bytes: usize,
     wire_bytes: usize,
 }
@@ -44,6 +45,7 @@ impl SentFrame {
             Ok(result) => result,
             Err(reason) => {
                 let mut report = failed(self.frame_id, self.source, "uplink".into(), reason);
+                report.coding = Some(self.coding);
                 report.bytes_sent = self.bytes;
                 report.wire_bytes = self.wire_bytes;
                 return report;
@@ -62,6 +64,7 @@ impl SentFrame {
             source: self.source,
             mode: "split",
             outcome,
+            coding: Some(self.coding),
             bytes_sent: self.bytes,
             wire_bytes: self.wire_bytes,
             tail_received_bytes: result.received_bytes,
@@ -135,6 +138,7 @@ pub async fn run_split(
                                 sent,
                                 preprocess_ms: frame.preprocess_ms,
                                 head_ms: frame.head_ms,
+                                coding: format!("{}, {}", frame.coding, frame.codec.name()),
                                 bytes,
                                 wire_bytes,
                             })
@@ -214,6 +218,7 @@ fn failed(frame_id: u64, source: String, kind: String, message: String) -> Frame
         outcome: Outcome::Failed {
             error: Failure { kind, message },
         },
+        coding: None,
         bytes_sent: 0,
         wire_bytes: 0,
         tail_received_bytes: 0,

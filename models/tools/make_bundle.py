@@ -13,6 +13,7 @@ Two paths, one tool:
   with the photographs that scikit-image ships.
 
 `sweep` prints fidelity and bytes for several bottleneck widths, to choose one by measurement.
+`calibrate` adds coding tables to an existing bundle (calibrate.py, docs/coding-tables.md).
 
 Fidelity is measured on views of images that were not used to fit the bottleneck: top-1
 agreement with the full model and mean KL(full || split), with the features quantized the way
@@ -479,6 +480,12 @@ def cmd_split(args):
     make_split(args, full, prep, labels, args.calibration, args.eval, fit)
 
 
+def cmd_calibrate(args):
+    import calibrate
+
+    calibrate.calibrate(args)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -541,6 +548,26 @@ def main():
     g.add_argument("--mean", type=float, nargs=3, default=[123.675, 116.28, 103.53])
     g.add_argument("--std", type=float, nargs=3, default=[58.395, 57.12, 57.375])
     g.set_defaults(func=cmd_split)
+
+    c = sub.add_parser("calibrate", help="add calibrated coding tables to an existing bundle")
+    c.add_argument("bundle", help="bundle folder (from `split`, or the bundled model's)")
+    c.add_argument("--calibration", nargs="+", metavar="IMG",
+                   help="images to fit the ranges and priors on (default: the scikit-image "
+                        "photographs the bundled model was made from; use the bundle's own)")
+    c.add_argument("--eval", nargs="+", metavar="IMG",
+                   help="held-out images to measure them on (default: the bundled model's)")
+    c.add_argument("--no-learned-prior", action="store_true",
+                   help="skip the CompressAI EntropyBottleneck (no torch or compressai needed); "
+                        "priors.json gets the static priors only")
+    c.add_argument("--search-views", type=int, metavar="N",
+                   help="choose clip percentiles and the gain by the KL on the first N "
+                        "calibration views only (default: all of them); faster on big bundles")
+    c.add_argument("--fixture", help="also write a CompressAI cross-check fixture here "
+                                     "(needs the learned prior)")
+    c.add_argument("--version", help="set the manifest's version (default: keep it)")
+    c.add_argument("--views-per-image", type=int, default=12,
+                   help="center view plus random crops/flips per image")
+    c.set_defaults(func=cmd_calibrate)
 
     args = p.parse_args()
     sys.path.insert(0, str(HERE))

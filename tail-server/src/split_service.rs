@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cleave_codec::{BundleId, Limits, decode_frame};
+use cleave_codec::{BundleId, FrameDecoder, Limits};
 use cleave_engine::{Bundle, Tensor, top_k};
 use cleave_proto::BUNDLE_ID_METADATA;
 use cleave_proto::v1::split_server::Split;
@@ -30,7 +30,8 @@ pub struct SplitService {
 struct Inner {
     bundle: Arc<Bundle>,
     executor: TailExecutor,
-    limits: Limits,
+    decoder: FrameDecoder,
+    max_frame_bytes: usize,
 }
 
 impl SplitService {
@@ -40,11 +41,13 @@ impl SplitService {
             max_frame_bytes,
             ..Limits::default()
         };
+        let decoder = FrameDecoder::new(bundle.coding_tables().cloned(), limits);
         Self {
             inner: Arc::new(Inner {
                 bundle,
                 executor,
-                limits,
+                decoder,
+                max_frame_bytes,
             }),
         }
     }
@@ -83,11 +86,11 @@ impl Inner {
     }
 
     async fn classify(&self, bytes: &[u8]) -> Result<Classification, TailError> {
-        let decoded = decode_frame(bytes, &self.limits)?;
+        let decoded = self.decoder.decode(bytes)?;
         let tail = self.bundle.id();
-        if decoded.header.bundle_id != tail {
+        if decoded.header.bundle_tag != tail.tag() {
             return Err(TailError::BundleMismatch {
-                head: decoded.header.bundle_id.to_string(),
+                head: format!("{}… (frame tag)", decoded.header.bundle_tag),
                 tail,
             });
         }
@@ -100,7 +103,7 @@ impl Inner {
         }
         let mut shape = vec![1];
         shape.extend_from_slice(expected);
-        let input = Tensor::new(shape, decoded.quantized.dequantize());
+        let input = Tensor::new(shape, decoded.dequantize());
         let logits = self.executor.run(input).await?;
         let labels = &self.bundle.manifest().labels.names;
         let top = top_k(&logits.data, TOP_K)
@@ -130,7 +133,7 @@ impl Split for SplitService {
         Ok(Response::new(NegotiateResponse {
             bundle_id: self.inner.bundle.id().to_string(),
             bundle_name: format!("{} {}", manifest.name, manifest.version),
-            max_frame_bytes: self.inner.limits.max_frame_bytes as u64,
+            max_frame_bytes: self.inner.max_frame_bytes as u64,
         }))
     }
 

@@ -71,13 +71,27 @@ fn a_wrong_bottleneck_shape_is_caught_when_the_model_loads() {
     let dir = bundle_variant(&default_bundle(), "shape", |m| {
         m.replace(
             &format!("shape = {shape:?}"),
-            &format!("shape = {:?}", [shape[0] + 1, shape[1], shape[2]]),
+            &format!("shape = {:?}", [shape[0], shape[1] + 1, shape[2]]),
         )
     });
     let variant = Bundle::open(dir.path()).unwrap();
     let error = variant.load(Role::Head, &Backend::Tract).unwrap_err();
     assert!(matches!(error, EngineError::WrongShape { .. }), "{error}");
     assert!(error.to_string().contains("head.onnx"), "{error}");
+
+    // A channel count that disagrees with the coding tables is caught when the bundle opens.
+    let dir = bundle_variant(&default_bundle(), "channels", |m| {
+        m.replace(
+            &format!("shape = {shape:?}"),
+            &format!("shape = {:?}", [shape[0] + 1, shape[1], shape[2]]),
+        )
+    });
+    let message = Bundle::open(dir.path()).unwrap_err().to_string();
+    assert!(message.contains("coding tables"), "{message}");
+    assert!(
+        message.contains(&format!("{} channels", shape[0] + 1)),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,7 +141,14 @@ async fn head_and_tail_with_different_bundles_refuse_each_other() {
                 e.kind,
                 cleave_proto::v1::frame_error::Kind::BundleMismatch as i32
             );
-            assert!(e.message.contains(&ours.id().to_string()), "{}", e.message);
+            // A frame carries the first 8 bytes of its bundle's id.
+            let tag = ours.id().tag().to_string();
+            assert!(e.message.contains(&tag), "{}", e.message);
+            assert!(
+                e.message.contains(&theirs.id().to_string()),
+                "{}",
+                e.message
+            );
         }
         other => panic!("expected a bundle-mismatch error, got {other:?}"),
     }

@@ -68,6 +68,10 @@ async fn head_and_tail_binaries_agree_with_the_full_model_and_count_every_byte()
             assert!(report[key].as_f64().unwrap() >= 0.0, "{key} in {report}");
         }
         assert!(report["total_ms"].as_f64().unwrap() >= report["head_ms"].as_f64().unwrap());
+        assert_eq!(
+            report["coding"], "5-bit calibrated, ans",
+            "the bundle's default"
+        );
     }
 
     // The bytes the head counts are the bytes the tail received ...
@@ -104,12 +108,15 @@ async fn head_and_tail_binaries_agree_with_the_full_model_and_count_every_byte()
     // Split results agree with the full model where the bundle's fidelity says they should:
     // on every image where the full model is confident (p >= 0.7), and overall at least as
     // often as the bundle's measured agreement allows on six images (with binomial slack).
+    // The measured agreement is the calibrated level's the head sends by default.
     let bundle = Bundle::open(default_bundle()).unwrap();
-    let fidelity = bundle
-        .manifest()
-        .fidelity
-        .clone()
-        .expect("bundle states its fidelity");
+    let q = &bundle.manifest().bottleneck.quantization;
+    let stated = q
+        .levels
+        .iter()
+        .find(|level| level.bits == q.bits)
+        .expect("the bundle's default bit depth is calibrated")
+        .top1_agreement;
     let reference = full_model_top1();
     let mut agree = 0;
     for (report, &(index, score)) in reports.iter().zip(&reference) {
@@ -123,11 +130,10 @@ async fn head_and_tail_binaries_agree_with_the_full_model_and_count_every_byte()
         }
     }
     let rate = agree as f64 / reports.len() as f64;
-    let floor = fidelity.top1_agreement - 0.35;
+    let floor = stated - 0.35;
     assert!(
         rate >= floor,
-        "agreement {rate:.2} below the bundle's {:.2}",
-        fidelity.top1_agreement
+        "agreement {rate:.2} below the bundle's {stated:.2}"
     );
 
     let status = tail.stop();
@@ -251,4 +257,62 @@ async fn an_unreadable_input_gets_its_own_failure_line_and_the_others_go_through
             .contains("README.md")
     );
     assert!(reports[2]["top5"].is_array());
+}
+
+/// Runs `cleave-head` with extra flags over two samples against `tail`; its JSON lines.
+fn head_lines(tail: &TailProcess, flags: &[&str]) -> Vec<serde_json::Value> {
+    let files = sample_files();
+    let mut command = Command::new(binary("cleave-head"));
+    command
+        .arg("--bundle")
+        .arg(default_bundle())
+        .args(["--server", &format!("http://{}", tail.addr)])
+        .args(flags)
+        .args(&files[..2]);
+    let output = command.output().expect("cleave-head runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "cleave-head {flags:?} failed: {stderr}"
+    );
+    let lines = json_lines(&String::from_utf8_lossy(&output.stdout));
+    assert_eq!(lines.len(), 2, "{flags:?}");
+    for line in &lines {
+        assert!(line["top5"].is_array(), "{flags:?}: {line}");
+    }
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_coding_the_head_offers_is_understood_by_the_tail() {
+    let tail = TailProcess::start(&default_bundle());
+    let lines = tokio::task::spawn_blocking(move || {
+        let learned = head_lines(&tail, &["--learned-prior"]);
+        let budget = head_lines(&tail, &["--byte-budget", "4200"]);
+        let raw = head_lines(&tail, &["--bits", "3", "--codec", "raw"]);
+        let zstd = head_lines(&tail, &["--codec", "zstd"]);
+        (learned, budget, raw, zstd)
+    })
+    .await
+    .unwrap();
+    let (learned, budget, raw, zstd) = lines;
+    for line in &learned {
+        assert_eq!(line["coding"], "learned prior, ans");
+    }
+    for line in &budget {
+        // Rate control: the highest depth that fits, and it fits.
+        assert!(line["bytes_sent"].as_u64().unwrap() <= 4200, "{line}");
+        let coding = line["coding"].as_str().unwrap();
+        assert!(coding.ends_with("-bit calibrated, ans"), "{coding}");
+        let bits: u64 = coding.split('-').next().unwrap().parse().unwrap();
+        assert!((2..=4).contains(&bits), "{coding}");
+    }
+    for line in &raw {
+        assert_eq!(line["coding"], "3-bit calibrated, raw");
+        // 9 408 symbols of 3 bits, plus 27 bytes of header and checksum.
+        assert_eq!(line["bytes_sent"], 9408 * 3 / 8 + 27);
+    }
+    for line in &zstd {
+        assert_eq!(line["coding"], "5-bit calibrated, zstd");
+    }
 }

@@ -1,0 +1,217 @@
+//! Making frames: quantize with the chosen table, code with the chosen codec, lay out.
+//!
+//! [`FrameEncoder::encode_within`] is the rate control: given a byte budget per frame it
+//! codes at the highest calibrated bit depth whose frame fits, stepping down one bit at a
+//! time. Coding a bottleneck frame takes well under a millisecond (see the codec benchmark),
+//! so it measures real sizes rather than predicting them.
+
+use crate::ans;
+use crate::frame::{Codec, Coding, FrameError, FrameParts, write_frame};
+use crate::pack;
+use crate::quantize::{Granularity, Quantizer};
+use crate::tables::CodingTables;
+use crate::{BundleTag, Prior};
+
+/// How to code one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// Fit ranges to this frame and carry them (no tables needed); `raw` or `zstd`.
+    Inline {
+        /// Bit depth, 2 to 8.
+        bits: u8,
+        /// Ranges per tensor or per channel.
+        granularity: Granularity,
+        /// `raw` or `zstd`.
+        codec: Codec,
+    },
+    /// The bundle's calibrated level at `bits`, with any codec.
+    Calibrated {
+        /// Bit depth, 2 to 8.
+        bits: u8,
+        /// Any codec; `ans` uses the level's static prior.
+        codec: Codec,
+    },
+    /// The bundle's learned factorized prior, coded with ANS.
+    Learned,
+}
+
+/// A frame and what it cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedFrame {
+    /// The frame's bytes.
+    pub bytes: Vec<u8>,
+    /// Coding used.
+    pub coding: Coding,
+    /// Codec used.
+    pub codec: Codec,
+    /// Bytes of the coded payload alone.
+    pub payload_bytes: usize,
+    /// The information bound of the symbols under the prior, in bits, where the coding has a
+    /// prior.
+    pub information_bits: Option<f64>,
+}
+
+/// Makes frames for one bundle.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameEncoder<'t> {
+    tag: BundleTag,
+    tables: Option<&'t CodingTables>,
+}
+
+impl<'t> FrameEncoder<'t> {
+    /// An encoder for the bundle with this tag and (if it was calibrated) these tables.
+    pub fn new(tag: BundleTag, tables: Option<&'t CodingTables>) -> Self {
+        Self { tag, tables }
+    }
+
+    /// Codes `tensor` (row-major, of `shape`) as `choice` says.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::MissingTable`] if the choice needs a table the bundle lacks,
+    /// [`FrameError::Inconsistent`] for `ans` without a prior or the learned prior with
+    /// another codec, [`FrameError::Quantize`] for a tensor that cannot be quantized.
+    pub fn encode(
+        &self,
+        tensor: &[f32],
+        shape: &[usize],
+        choice: Choice,
+    ) -> Result<EncodedFrame, FrameError> {
+        let (coding, codec, quantizer, prior) = match choice {
+            Choice::Inline {
+                bits,
+                granularity,
+                codec,
+            } => {
+                if codec == Codec::Ans {
+                    return Err(FrameError::Inconsistent(
+                        "ans needs the bundle's prior, an inline frame has none".into(),
+                    ));
+                }
+                let fitted = Quantizer::fit(tensor, shape, granularity, bits)?;
+                (Coding::Inline { bits }, codec, Fitted::Own(fitted), None)
+            }
+            Choice::Calibrated { bits, codec } => {
+                let coding = Coding::Calibrated { bits };
+                let level = self
+                    .tables
+                    .and_then(|t| t.level(bits))
+                    .ok_or(FrameError::MissingTable(coding))?;
+                let quantizer = Fitted::Table(&level.quantizer);
+                (coding, codec, quantizer, Some(&level.prior))
+            }
+            Choice::Learned => {
+                let learned = self
+                    .tables
+                    .and_then(|t| t.learned())
+                    .ok_or(FrameError::MissingTable(Coding::Learned))?;
+                let quantizer = Fitted::Table(&learned.quantizer);
+                (Coding::Learned, Codec::Ans, quantizer, Some(&learned.prior))
+            }
+        };
+        let quantizer = quantizer.get();
+        let symbols = quantizer.quantize(tensor, shape)?;
+        let payload = code(codec, coding, prior, &symbols)?;
+        let inline = match (&choice, quantizer) {
+            (Choice::Inline { granularity, .. }, Quantizer::Affine { ranges, .. }) => {
+                Some((*granularity, ranges.as_slice()))
+            }
+            _ => None,
+        };
+        let bytes = write_frame(&FrameParts {
+            codec,
+            coding,
+            tag: self.tag,
+            shape,
+            inline,
+            payload: &payload,
+        })?;
+        Ok(EncodedFrame {
+            bytes,
+            coding,
+            codec,
+            payload_bytes: payload.len(),
+            information_bits: prior.map(|p| p.information_bits(&symbols)),
+        })
+    }
+
+    /// Rate control: codes at the highest calibrated bit depth whose frame (header included)
+    /// fits in `budget` bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::OverBudget`] with the smallest frame possible if none fits,
+    /// [`FrameError::Uncalibrated`] if the bundle has no calibrated levels, and the errors of
+    /// [`encode`](Self::encode).
+    pub fn encode_within(
+        &self,
+        tensor: &[f32],
+        shape: &[usize],
+        budget: usize,
+        codec: Codec,
+    ) -> Result<EncodedFrame, FrameError> {
+        let levels = self.tables.map(|t| t.levels()).unwrap_or_default();
+        let mut smallest = usize::MAX;
+        for level in levels.iter().rev() {
+            let choice = Choice::Calibrated {
+                bits: level.bits,
+                codec,
+            };
+            let frame = self.encode(tensor, shape, choice)?;
+            if frame.bytes.len() <= budget {
+                return Ok(frame);
+            }
+            smallest = smallest.min(frame.bytes.len());
+        }
+        if levels.is_empty() {
+            return Err(FrameError::Uncalibrated);
+        }
+        Err(FrameError::OverBudget { budget, smallest })
+    }
+}
+
+/// A quantizer fitted to this frame, or one borrowed from the tables.
+enum Fitted<'t> {
+    Own(Quantizer),
+    Table(&'t Quantizer),
+}
+
+impl Fitted<'_> {
+    fn get(&self) -> &Quantizer {
+        match self {
+            Fitted::Own(q) => q,
+            Fitted::Table(q) => q,
+        }
+    }
+}
+
+fn code(
+    codec: Codec,
+    coding: Coding,
+    prior: Option<&Prior>,
+    symbols: &[i32],
+) -> Result<Vec<u8>, FrameError> {
+    let payload_error = |reason: String| FrameError::Payload {
+        expected: symbols.len(),
+        reason,
+    };
+    match (codec, coding) {
+        (Codec::Ans, _) => {
+            let prior = prior.ok_or(FrameError::MissingTable(coding))?;
+            ans::encode(prior, symbols).map_err(|e| payload_error(e.to_string()))
+        }
+        (_, Coding::Learned) => Err(FrameError::Inconsistent(
+            "learned-prior symbols are coded only with ans".into(),
+        )),
+        (Codec::Raw, Coding::Inline { bits } | Coding::Calibrated { bits }) => {
+            Ok(pack::pack(symbols, bits))
+        }
+        (Codec::Zstd, _) => {
+            let bytes: Vec<u8> = symbols.iter().map(|&s| s as u8).collect();
+            zstd::bulk::compress(&bytes, ZSTD_LEVEL).map_err(|e| payload_error(e.to_string()))
+        }
+    }
+}
+
+/// zstd level: fast on a weak CPU; higher levels gain little on quantized symbols.
+const ZSTD_LEVEL: i32 = 3;

@@ -186,14 +186,28 @@ fn print_table(bundle: &Bundle, reports: &[FrameReport], references: &[Reference
         );
     }
     let n = reports.len().max(1);
+    let coding = reports
+        .iter()
+        .find_map(|r| r.coding.clone())
+        .unwrap_or_else(|| "-".into());
     println!(
-        "\ntop-1 agreement {agree}/{} | mean frame {} B vs JPEG q {} B | times in ms (head = \
-         head model + codec, uplink = loopback gRPC, full = whole model locally)",
+        "\ntop-1 agreement {agree}/{} | mean frame {} B ({coding}) vs JPEG q {} B | times in ms \
+         (head = head model + codec, uplink = loopback gRPC, full = whole model locally)",
         reports.len(),
         bytes / n,
         jpeg / n
     );
-    if let Some(f) = &bundle.manifest().fidelity {
+    let q = &bundle.manifest().bottleneck.quantization;
+    if let Some(level) = q.levels.iter().find(|l| l.bits == q.bits) {
+        println!(
+            "bundle fidelity at {} bits (from its manifest): top-1 agreement {:.1}%, mean KL {:.3}, \
+             {} B payload",
+            level.bits,
+            level.top1_agreement * 100.0,
+            level.mean_kl,
+            level.payload_bytes
+        );
+    } else if let Some(f) = &bundle.manifest().fidelity {
         println!(
             "bundle fidelity (from its manifest): top-1 agreement {:.1}%, mean KL {:.3}, on {}",
             f.top1_agreement * 100.0,

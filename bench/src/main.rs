@@ -3,9 +3,14 @@
 //! `cleave-bench demo` is the project's front door: it starts a tail on loopback, runs the
 //! head over the sample images through a real gRPC stream, runs the full model locally for
 //! reference, and prints what the split costs and how well it agrees.
+//!
+//! `cleave-bench rate-fidelity` makes the rate–fidelity table (`docs/rate-fidelity.md`):
+//! bytes and agreement with the full model for every calibrated bit depth and codec, the
+//! learned prior, and JPEG/WebP offloading baselines.
 
 mod demo;
 mod machine;
+mod rate_fidelity;
 
 use std::process::ExitCode;
 
@@ -23,6 +28,8 @@ struct Cli {
 enum Command {
     /// Run the split model end to end on sample images and compare with the full model.
     Demo(demo::DemoArgs),
+    /// Measure bytes and fidelity of every coding and of JPEG/WebP offloading.
+    RateFidelity(rate_fidelity::RateFidelityArgs),
 }
 
 #[tokio::main]
@@ -37,6 +44,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args).await,
+        Command::RateFidelity(args) => rate_fidelity::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

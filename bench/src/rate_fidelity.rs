@@ -194,12 +194,17 @@ impl Harness<'_> {
         // learned prior, and the float features.
         let mut restored: Vec<Tensor> = Vec::new();
         let mut uses: Vec<usize> = Vec::new();
-        let tables = self.bundle.coding_tables().into_iter();
-        let levels: Vec<u8> = tables.flat_map(|t| t.levels()).map(|l| l.bits).collect();
+        let tables = self.bundle.coding_tables();
+        let levels: Vec<u8> = tables
+            .iter()
+            .flat_map(|t| t.levels())
+            .map(|l| l.bits)
+            .collect();
+        let learned = tables.is_some_and(|t| t.learned().is_some());
         let choices = levels
             .iter()
             .flat_map(|&bits| CODECS.map(|codec| Choice::Calibrated { bits, codec }))
-            .chain([Choice::Learned]);
+            .chain(learned.then_some(Choice::Learned));
         for choice in choices {
             let frame = self.encoder.encode(&features, &shape, choice)?;
             let decoded = self.decoder.decode(&frame.bytes)?;
@@ -207,7 +212,7 @@ impl Harness<'_> {
                 decoded.header.codec == frame.codec && decoded.header.coding == frame.coding,
                 "frame header does not round-trip"
             );
-            let tensor = Tensor::new(shape.clone(), decoded.dequantize());
+            let tensor = Tensor::new(shape.clone(), decoded.dequantize()?);
             let label = match choice {
                 Choice::Calibrated { bits, .. } => format!("split, {bits} bits"),
                 _ => "split, learned prior".to_owned(),
@@ -288,7 +293,7 @@ impl Harness<'_> {
         let frame = self.encoder.encode(features, shape, choice)?;
         let encode_ms = started.elapsed().as_secs_f64() * 1e3;
         let started = Instant::now();
-        let restored = self.decoder.decode(&frame.bytes)?.dequantize();
+        let restored = self.decoder.decode(&frame.bytes)?.dequantize()?;
         let decode_ms = started.elapsed().as_secs_f64() * 1e3;
         ensure!(
             restored.len() == features.len(),

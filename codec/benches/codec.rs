@@ -17,17 +17,20 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use cleave_codec::{
-    BundleId, Choice, Codec, CodingTables, FrameDecoder, FrameEncoder, LevelRanges, Limits, ans,
-};
+use cleave_codec::{Choice, Codec, CodingTables, FrameDecoder, FrameEncoder, Limits, ans};
 use constriction::stream::model::ContiguousCategoricalEntropyModel;
 use constriction::stream::queue::{DefaultRangeDecoder, DefaultRangeEncoder};
 use constriction::stream::stack::DefaultAnsCoder;
 use constriction::stream::{Decode, Encode};
 use criterion::{Criterion, criterion_group, criterion_main};
 
-const MANIFEST: &str = include_str!("../../models/efficientnet-lite0-split/manifest.toml");
-const PRIORS: &str = include_str!("../../models/efficientnet-lite0-split/priors.json");
+// Shared with fuzz/, which re-exports these items; here some are unused and none leave.
+#[path = "support/bundled.rs"]
+#[allow(unreachable_pub, dead_code)]
+mod bundled;
+
+use bundled::{PRIORS, bundle_id, bundled_tables};
+
 const FEATURES: &[u8] = include_bytes!("data/bottleneck-3x12x28x28.f32");
 
 const CHANNELS: usize = 12;
@@ -38,39 +41,6 @@ const VIEWS: usize = 3;
 const COMPARE_BITS: u8 = 5;
 
 type Model = ContiguousCategoricalEntropyModel<u32, Vec<u32>, 16>;
-
-/// The bundled tables, built as the engine builds them: manifest levels + priors.json.
-fn bundled_tables() -> CodingTables {
-    let manifest: toml::Table = MANIFEST.parse().expect("bundled manifest is TOML");
-    let floats = |v: &toml::Value| -> Vec<f32> {
-        v.as_array()
-            .expect("a list of floats")
-            .iter()
-            .map(|x| x.as_float().expect("a float") as f32)
-            .collect()
-    };
-    let levels: Vec<LevelRanges> = manifest["bottleneck"]["quantization"]["levels"]
-        .as_array()
-        .expect("bottleneck.quantization.levels is a list")
-        .iter()
-        .map(|level| LevelRanges {
-            bits: level["bits"].as_integer().expect("bits is an integer") as u8,
-            low: floats(&level["low"]),
-            high: floats(&level["high"]),
-        })
-        .collect();
-    CodingTables::new(CHANNELS, &levels, Some(PRIORS)).expect("bundled tables build")
-}
-
-fn bundle_id() -> BundleId {
-    MANIFEST
-        .lines()
-        .find_map(|l| l.strip_prefix("id = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .expect("the manifest has an id line")
-        .parse()
-        .expect("the manifest id is 64 hex digits")
-}
 
 fn views() -> Vec<Vec<f32>> {
     let len: usize = SHAPE.iter().product();
@@ -276,6 +246,7 @@ fn bench_frames(c: &mut Criterion) {
                     .decode(black_box(&frames[i]))
                     .expect("bench frame decodes")
                     .dequantize()
+                    .expect("bench frame dequantizes")
             })
         });
     }

@@ -74,7 +74,7 @@ pub enum AnsError {
         /// Bits in the payload (with the coder's state).
         bits: usize,
     },
-    /// An escape claims more digits than any 32-bit value needs.
+    /// An escape needs (or, when decoding, claims) more digits than a 32-bit value has.
     #[error("element {index}: escape with {digits} digits (at most {MAX_DIGITS})")]
     BadEscape {
         /// Row-major element index.
@@ -119,8 +119,14 @@ pub fn encode(prior: &Prior, symbols: &[i32]) -> Result<Vec<u8>, AnsError> {
             match channel.table_index(symbol) {
                 Lookup::Direct(index) => items.push((index, c as u16)),
                 Lookup::Escaped(raw) => {
-                    items.push((channel.escape_index(), c as u16));
                     let digits = bypass_digits(raw);
+                    if digits > MAX_DIGITS {
+                        return Err(AnsError::BadEscape {
+                            index: c * group_len + i,
+                            digits,
+                        });
+                    }
+                    items.push((channel.escape_index(), c as u16));
                     let mut count = digits;
                     while count >= MAX_BYPASS {
                         items.push((MAX_BYPASS, BYPASS));

@@ -6,7 +6,9 @@
 //! so it measures real sizes rather than predicting them.
 
 use crate::ans;
-use crate::frame::{Codec, Coding, FrameError, FrameParts, write_frame};
+use crate::frame::{
+    Codec, Coding, FrameError, FrameParts, MAX_RANK, check_combination, table, write_frame,
+};
 use crate::pack;
 use crate::quantize::{Granularity, Quantizer};
 use crate::tables::CodingTables;
@@ -77,36 +79,23 @@ impl<'t> FrameEncoder<'t> {
         shape: &[usize],
         choice: Choice,
     ) -> Result<EncodedFrame, FrameError> {
-        let (coding, codec, quantizer, prior) = match choice {
+        check_shape(shape)?;
+        let (coding, codec) = match choice {
+            Choice::Inline { bits, codec, .. } => (Coding::Inline { bits }, codec),
+            Choice::Calibrated { bits, codec } => (Coding::Calibrated { bits }, codec),
+            Choice::Learned => (Coding::Learned, Codec::Ans),
+        };
+        check_combination(coding, codec)?;
+        let (quantizer, prior) = match choice {
             Choice::Inline {
-                bits,
-                granularity,
-                codec,
+                bits, granularity, ..
             } => {
-                if codec == Codec::Ans {
-                    return Err(FrameError::Inconsistent(
-                        "ans needs the bundle's prior, an inline frame has none".into(),
-                    ));
-                }
                 let fitted = Quantizer::fit(tensor, shape, granularity, bits)?;
-                (Coding::Inline { bits }, codec, Fitted::Own(fitted), None)
+                (Fitted::Own(fitted), None)
             }
-            Choice::Calibrated { bits, codec } => {
-                let coding = Coding::Calibrated { bits };
-                let level = self
-                    .tables
-                    .and_then(|t| t.level(bits))
-                    .ok_or(FrameError::MissingTable(coding))?;
-                let quantizer = Fitted::Table(&level.quantizer);
-                (coding, codec, quantizer, Some(&level.prior))
-            }
-            Choice::Learned => {
-                let learned = self
-                    .tables
-                    .and_then(|t| t.learned())
-                    .ok_or(FrameError::MissingTable(Coding::Learned))?;
-                let quantizer = Fitted::Table(&learned.quantizer);
-                (Coding::Learned, Codec::Ans, quantizer, Some(&learned.prior))
+            _ => {
+                let (quantizer, prior) = table(self.tables, coding, shape)?;
+                (Fitted::Table(quantizer), Some(prior))
             }
         };
         let quantizer = quantizer.get();
@@ -170,6 +159,16 @@ impl<'t> FrameEncoder<'t> {
     }
 }
 
+/// Refuses, before any work, a shape the frame format cannot carry: 1 to 4 axes, each at
+/// most `u32::MAX` (what a decoder reads).
+fn check_shape(shape: &[usize]) -> Result<(), FrameError> {
+    let too_long = shape.iter().any(|&d| u32::try_from(d).is_err());
+    if shape.is_empty() || shape.len() > MAX_RANK || too_long {
+        return Err(FrameError::UnencodableShape(shape.to_vec()));
+    }
+    Ok(())
+}
+
 /// A quantizer fitted to this frame, or one borrowed from the tables.
 enum Fitted<'t> {
     Own(Quantizer),
@@ -191,18 +190,13 @@ fn code(
     prior: Option<&Prior>,
     symbols: &[i32],
 ) -> Result<Vec<u8>, FrameError> {
-    let payload_error = |reason: String| FrameError::Payload {
-        expected: symbols.len(),
-        reason,
-    };
+    let payload_error = |reason: String| FrameError::Encode(reason);
+    // check_combination ruled out the learned prior with anything but ans.
     match (codec, coding) {
-        (Codec::Ans, _) => {
+        (Codec::Ans, _) | (_, Coding::Learned) => {
             let prior = prior.ok_or(FrameError::MissingTable(coding))?;
             ans::encode(prior, symbols).map_err(|e| payload_error(e.to_string()))
         }
-        (_, Coding::Learned) => Err(FrameError::Inconsistent(
-            "learned-prior symbols are coded only with ans".into(),
-        )),
         (Codec::Raw, Coding::Inline { bits } | Coding::Calibrated { bits }) => {
             Ok(pack::pack(symbols, bits))
         }

@@ -27,7 +27,7 @@ pub const FORMAT_VERSION: u8 = 1;
 /// Flag: the frame carries its own quantization ranges.
 const FLAG_INLINE: u8 = 1;
 /// Most axes a frame's tensor may have.
-const MAX_RANK: usize = 4;
+pub(crate) const MAX_RANK: usize = 4;
 
 /// How the payload's symbols are coded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -166,11 +166,13 @@ pub struct DecodedFrame {
 
 impl DecodedFrame {
     /// Restores the tensor.
-    pub fn dequantize(&self) -> Vec<f32> {
-        // The decoder checked the quantizer against the shape, so this cannot fail.
-        self.quantizer
-            .dequantize(&self.symbols, &self.header.shape)
-            .unwrap_or_default()
+    ///
+    /// # Errors
+    ///
+    /// [`QuantError::Channels`] only if the fields were changed after decoding so that the
+    /// quantizer no longer fits the shape (the decoder checks that they fit).
+    pub fn dequantize(&self) -> Result<Vec<f32>, QuantError> {
+        self.quantizer.dequantize(&self.symbols, &self.header.shape)
     }
 }
 
@@ -212,6 +214,14 @@ pub enum FrameError {
     /// Fields that contradict each other, or a codec that cannot code this kind of symbol.
     #[error("inconsistent header: {0}")]
     Inconsistent(String),
+    /// The frame was coded for another bundle than the decoder's.
+    #[error("frame coded for bundle {frame}…, this decoder's bundle is {expected}…")]
+    BundleMismatch {
+        /// The tag in the frame.
+        frame: BundleTag,
+        /// The decoder's bundle tag.
+        expected: BundleTag,
+    },
     /// A granularity id this decoder does not know.
     #[error("unknown quantization granularity {0} (known: 0 per tensor, 1 per channel)")]
     UnknownGranularity(u8),
@@ -279,9 +289,13 @@ pub enum FrameError {
     /// The tensor given to the encoder cannot be quantized.
     #[error("cannot quantize: {0}")]
     Quantize(#[from] QuantError),
-    /// The tensor given to the encoder has a rank this format cannot carry.
-    #[error("cannot encode a tensor of rank {0} (1 to {MAX_RANK} axes)")]
-    UnencodableRank(usize),
+    /// The tensor given to the encoder has a shape this format cannot carry.
+    #[error("cannot encode a tensor of shape {0:?} (1 to {MAX_RANK} axes, each below 2^32)")]
+    UnencodableShape(Vec<usize>),
+    /// The coder refused the symbols (a symbol outside a table without escape, or an
+    /// escape too large).
+    #[error("cannot code the symbols: {0}")]
+    Encode(String),
     /// Rate control was asked of a bundle without calibrated levels.
     #[error("a byte budget needs the bundle's calibrated levels; this bundle has none")]
     Uncalibrated,
@@ -310,7 +324,7 @@ pub(crate) struct FrameParts<'a> {
 pub(crate) fn write_frame(parts: &FrameParts<'_>) -> Result<Vec<u8>, FrameError> {
     let rank = parts.shape.len();
     if rank == 0 || rank > MAX_RANK {
-        return Err(FrameError::UnencodableRank(rank));
+        return Err(FrameError::UnencodableShape(parts.shape.to_vec()));
     }
     let mut out = Vec::with_capacity(32 + parts.payload.len());
     out.extend_from_slice(&MAGIC);
@@ -413,13 +427,25 @@ impl<'a> Reader<'a> {
 pub struct FrameDecoder {
     tables: Option<CodingTables>,
     limits: Limits,
+    expected_tag: Option<BundleTag>,
 }
 
 impl FrameDecoder {
     /// A decoder with the bundle's tables (`None` for a bundle without calibration: only
     /// inline frames decode) and the given limits.
     pub fn new(tables: Option<CodingTables>, limits: Limits) -> Self {
-        Self { tables, limits }
+        Self {
+            tables,
+            limits,
+            expected_tag: None,
+        }
+    }
+
+    /// Refuses frames whose bundle tag is not `tag`, right after the header and before any
+    /// payload is decoded ([`FrameError::BundleMismatch`]).
+    pub fn expecting(mut self, tag: BundleTag) -> Self {
+        self.expected_tag = Some(tag);
+        self
     }
 
     /// Decodes and checks a frame from untrusted bytes.
@@ -453,6 +479,12 @@ impl FrameDecoder {
         let bits = r.u8()?;
         let coding = header_coding(flags & FLAG_INLINE != 0, r.u8()?, bits, codec)?;
         let bundle_tag = BundleTag(r.array()?);
+        if let Some(expected) = self.expected_tag.filter(|&t| t != bundle_tag) {
+            return Err(FrameError::BundleMismatch {
+                frame: bundle_tag,
+                expected,
+            });
+        }
         let shape = read_shape(&mut r, limits)?;
         let elements: usize = shape.iter().product();
         let quantizer = match coding {
@@ -488,19 +520,7 @@ impl FrameDecoder {
     }
 
     fn table_quantizer(&self, coding: Coding, shape: &[usize]) -> Result<Quantizer, FrameError> {
-        let missing = FrameError::MissingTable(coding);
-        let tables = self.tables.as_ref().ok_or(missing.clone())?;
-        let quantizer = match coding {
-            Coding::Calibrated { bits } => &tables.level(bits).ok_or(missing)?.quantizer,
-            _ => &tables.learned().ok_or(missing)?.quantizer,
-        };
-        if shape[0] != tables.channels() {
-            return Err(FrameError::TableShape {
-                shape: shape.to_vec(),
-                coding,
-                reason: format!("the tables are for {} channels", tables.channels()),
-            });
-        }
+        let (quantizer, _) = table(self.tables.as_ref(), coding, shape)?;
         Ok(quantizer.clone())
     }
 
@@ -537,15 +557,11 @@ impl FrameDecoder {
                 symbols
             }
             Codec::Ans => {
-                let tables = self
+                let (_, prior) = self
                     .tables
                     .as_ref()
+                    .and_then(|t| t.table(coding))
                     .ok_or(FrameError::MissingTable(coding))?;
-                let prior = match coding {
-                    Coding::Calibrated { bits } => tables.level(bits).map(|l| &l.prior),
-                    _ => tables.learned().map(|l| &l.prior),
-                }
-                .ok_or(FrameError::MissingTable(coding))?;
                 ans::decode(prior, payload, elements).map_err(|e| payload_error(e.to_string()))?
             }
         };
@@ -556,28 +572,57 @@ impl FrameDecoder {
 /// The coding a header's flags, table id, bit depth and codec describe, if they agree.
 fn header_coding(inline: bool, table: u8, bits: u8, codec: Codec) -> Result<Coding, FrameError> {
     let inconsistent = |what: &str| Err(FrameError::Inconsistent(what.to_owned()));
-    let affine_bits = (MIN_BITS..=MAX_BITS).contains(&bits);
     let coding = match table {
         0 if !inline => return inconsistent("table 0 (inline) without the inline flag"),
         0 => Coding::Inline { bits },
         _ if inline => return inconsistent("the inline flag with a bundle table"),
         1 => Coding::Calibrated { bits },
+        2 if bits != 0 => return inconsistent("learned prior with a bit depth"),
         2 => Coding::Learned,
         other => return Err(FrameError::UnknownTable(other)),
     };
+    check_combination(coding, codec)?;
+    Ok(coding)
+}
+
+/// Whether `codec` can code `coding`'s symbols; the one place the rules live, for the encoder
+/// and the decoder.
+pub(crate) fn check_combination(coding: Coding, codec: Codec) -> Result<(), FrameError> {
+    let inconsistent = |what: &str| Err(FrameError::Inconsistent(what.to_owned()));
     match coding {
-        Coding::Learned if bits != 0 => inconsistent("learned prior with a bit depth"),
         Coding::Learned if codec != Codec::Ans => {
             inconsistent("learned-prior symbols are coded only with ans")
         }
         Coding::Inline { .. } if codec == Codec::Ans => {
             inconsistent("ans needs the bundle's prior, an inline frame has none")
         }
-        Coding::Inline { .. } | Coding::Calibrated { .. } if !affine_bits => {
+        Coding::Inline { bits } | Coding::Calibrated { bits }
+            if !(MIN_BITS..=MAX_BITS).contains(&bits) =>
+        {
             inconsistent(&format!("bit depth {bits} outside {MIN_BITS}..={MAX_BITS}"))
         }
-        _ => Ok(coding),
+        _ => Ok(()),
     }
+}
+
+/// The quantizer and prior of a table coding, checked against the tensor's channels.
+pub(crate) fn table<'t>(
+    tables: Option<&'t CodingTables>,
+    coding: Coding,
+    shape: &[usize],
+) -> Result<(&'t Quantizer, &'t crate::Prior), FrameError> {
+    let tables = tables.ok_or(FrameError::MissingTable(coding))?;
+    let found = tables
+        .table(coding)
+        .ok_or(FrameError::MissingTable(coding))?;
+    if shape.first() != Some(&tables.channels()) {
+        return Err(FrameError::TableShape {
+            shape: shape.to_vec(),
+            coding,
+            reason: format!("the tables are for {} channels", tables.channels()),
+        });
+    }
+    Ok(found)
 }
 
 fn read_shape(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<usize>, FrameError> {

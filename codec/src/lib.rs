@@ -31,7 +31,7 @@
 //! let frame = encoder.encode(&tensor, &[2, 3, 3], choice).unwrap();
 //! let decoded = FrameDecoder::new(None, Limits::default()).decode(&frame.bytes).unwrap();
 //! assert_eq!(decoded.header.bundle_tag, bundle.tag());
-//! let restored = decoded.dequantize();
+//! let restored = decoded.dequantize().unwrap();
 //! assert!(restored.iter().zip(&tensor).all(|(a, b)| (a - b).abs() < 0.01));
 //! ```
 
@@ -50,7 +50,7 @@ pub use frame::{
     Codec, Coding, DecodedFrame, FORMAT_VERSION, FrameDecoder, FrameError, FrameHeader, Limits,
     MAGIC,
 };
-pub use prior::{BYPASS_BITS, PRECISION, Prior, PriorError};
+pub use prior::{BYPASS_BITS, MAX_CHANNELS, PRECISION, Prior, PriorError};
 pub use quantize::{
     AffineRange, Granularity, INTEGER_SYMBOL_LIMIT, MAX_BITS, MIN_BITS, QuantError, Quantizer,
     max_symbol,

@@ -14,6 +14,8 @@ use constriction::stream::model::ContiguousCategoricalEntropyModel;
 /// Fixed-point precision of every probability: they are integers out of `2^PRECISION`.
 /// CompressAI uses the same, so its tables enter unchanged.
 pub const PRECISION: usize = 16;
+/// Most channels a prior may have (the coder indexes them with 16 bits, one value reserved).
+pub const MAX_CHANNELS: usize = u16::MAX as usize - 1;
 /// Bits per bypass digit of an escaped value (CompressAI's `bypass_precision`).
 pub const BYPASS_BITS: u32 = 4;
 
@@ -76,9 +78,17 @@ pub enum PriorError {
         /// Channel index.
         channel: usize,
     },
-    /// No channels at all.
-    #[error("a prior needs at least one channel")]
-    Empty,
+    /// No channels at all, or more than a coder can index.
+    #[error("a prior needs 1 to {MAX_CHANNELS} channels, has {0}")]
+    Channels(usize),
+    /// The CDFs and their offsets differ in number.
+    #[error("{cdfs} CDFs but {offsets} offsets")]
+    Lengths {
+        /// CDFs given.
+        cdfs: usize,
+        /// Offsets given.
+        offsets: usize,
+    },
 }
 
 impl Prior {
@@ -106,7 +116,10 @@ impl Prior {
     /// [`PriorError`] naming the first channel whose CDF is malformed.
     pub fn from_compressai_cdfs(cdfs: &[Vec<u32>], offsets: &[i32]) -> Result<Self, PriorError> {
         if cdfs.len() != offsets.len() {
-            return Err(PriorError::Empty);
+            return Err(PriorError::Lengths {
+                cdfs: cdfs.len(),
+                offsets: offsets.len(),
+            });
         }
         let channels = cdfs
             .iter()
@@ -125,8 +138,8 @@ impl Prior {
     }
 
     fn new(channels: Vec<ChannelPrior>) -> Result<Self, PriorError> {
-        if channels.is_empty() {
-            return Err(PriorError::Empty);
+        if channels.is_empty() || channels.len() > MAX_CHANNELS {
+            return Err(PriorError::Channels(channels.len()));
         }
         Ok(Self { channels })
     }
@@ -281,7 +294,14 @@ mod tests {
             Prior::from_compressai_cdfs(&[vec![0, 5, 5, 1 << 16]], &[0]),
             Err(PriorError::BadCdf { channel: 0 })
         ));
-        assert!(matches!(Prior::from_pmfs(&[]), Err(PriorError::Empty)));
+        assert!(matches!(
+            Prior::from_pmfs(&[]),
+            Err(PriorError::Channels(0))
+        ));
+        assert!(matches!(
+            Prior::from_compressai_cdfs(&[vec![0, 1 << 16]], &[]),
+            Err(PriorError::Lengths { .. })
+        ));
     }
 
     #[test]

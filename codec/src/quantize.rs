@@ -192,9 +192,9 @@ impl Quantizer {
                 check_bits(*bits)?;
                 let top = max_symbol(*bits) as f32;
                 for (group, range) in tensor.chunks_exact(group_len).zip(ranges) {
-                    let inverse = 1.0 / range.step;
+                    // Divide (not multiply by 1/step) so the symbols match the tools' numpy.
                     symbols.extend(group.iter().map(|&x| {
-                        ((x - range.min) * inverse)
+                        ((x - range.min) / range.step)
                             .round_ties_even()
                             .clamp(0.0, top) as i32
                     }));

@@ -8,6 +8,7 @@
 
 use serde::Deserialize;
 
+use crate::frame::Coding;
 use crate::prior::{PRECISION, Prior, PriorError};
 use crate::quantize::{AffineRange, MAX_BITS, MIN_BITS, Quantizer};
 
@@ -222,7 +223,21 @@ impl CodingTables {
     pub fn learned(&self) -> Option<&Learned> {
         self.learned.as_ref()
     }
+
+    /// The quantizer and prior a table coding uses; `None` for inline coding or a table the
+    /// bundle does not have.
+    pub fn table(&self, coding: Coding) -> Option<(&Quantizer, &Prior)> {
+        match coding {
+            Coding::Calibrated { bits } => self.level(bits).map(|l| (&l.quantizer, &l.prior)),
+            Coding::Learned => self.learned().map(|l| (&l.quantizer, &l.prior)),
+            Coding::Inline { .. } => None,
+        }
+    }
 }
+
+/// Largest `|offset|` a learned prior's table may start at: far beyond any real table, and
+/// small enough that symbols and their escapes stay within 32 bits.
+const MAX_OFFSET: i32 = 1 << 20;
 
 fn parse_priors(text: &str) -> Result<PriorsFile, TableError> {
     let file: PriorsFile =
@@ -235,6 +250,11 @@ fn parse_priors(text: &str) -> Result<PriorsFile, TableError> {
     }
     if file.precision != PRECISION as u32 {
         return Err(TableError::Precision(file.precision));
+    }
+    for (i, entry) in file.static_priors.iter().enumerate() {
+        if file.static_priors[..i].iter().any(|e| e.bits == entry.bits) {
+            return Err(TableError::Bits(entry.bits));
+        }
     }
     Ok(file)
 }
@@ -261,12 +281,14 @@ fn learned(channels: usize, f: FactorizedEntry) -> Result<Learned, TableError> {
     ] {
         check_len(what, len, channels)?;
     }
-    for (channel, (&gain, &median)) in f.scale.iter().zip(&f.medians).enumerate() {
-        if !gain.is_finite() || gain <= 0.0 || !median.is_finite() {
+    for (channel, ((&gain, &median), &offset)) in
+        f.scale.iter().zip(&f.medians).zip(&f.offset).enumerate()
+    {
+        if !gain.is_finite() || gain <= 0.0 || !median.is_finite() || offset.abs() > MAX_OFFSET {
             return Err(TableError::Values {
                 what: "factorized prior".to_owned(),
                 channel,
-                detail: format!("scale {gain}, median {median}"),
+                detail: format!("scale {gain}, median {median}, offset {offset}"),
             });
         }
     }

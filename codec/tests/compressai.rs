@@ -113,8 +113,6 @@ fn our_symbols_and_bytes_match_compressai() {
             "frame {frame}: ours {} bytes, compressai {compressai_bytes}",
             ours.len()
         );
-        // Same length, different words (see the module doc).
-        assert_ne!(ours.as_slice(), &strings[offset..offset + compressai_bytes]);
         offset += compressai_bytes;
     }
     assert_eq!(offset, strings.len());

@@ -134,7 +134,7 @@ fn every_choice_round_trips() {
         assert_eq!(frame.header.version, FORMAT_VERSION);
         assert_eq!(frame.header.shape, vec![CHANNELS, 5, 5]);
         assert_eq!(frame.symbols.len(), CHANNELS * 25);
-        let restored = frame.dequantize();
+        let restored = frame.dequantize().unwrap();
         assert_eq!(restored.len(), CHANNELS * 25);
     }
 }
@@ -249,6 +249,49 @@ fn a_frame_needing_tables_the_decoder_lacks_is_refused() {
 }
 
 #[test]
+fn the_encoder_refuses_what_no_decoder_could_read() {
+    let tables = tables();
+    let encoder = FrameEncoder::new(BundleId::from_bytes([4; 32]).tag(), Some(&tables));
+    let calibrated = Choice::Calibrated {
+        bits: 4,
+        codec: Codec::Ans,
+    };
+    assert_eq!(
+        encoder.encode(&[0.0; 32], &[1, 2, 2, 2, 2], calibrated),
+        Err(FrameError::UnencodableShape(vec![1, 2, 2, 2, 2]))
+    );
+    // Tables for 3 channels do not code a 2-channel tensor.
+    assert!(matches!(
+        encoder.encode(&[0.0; 8], &[2, 4], calibrated),
+        Err(FrameError::TableShape { .. })
+    ));
+    let inline_ans = Choice::Inline {
+        bits: 4,
+        granularity: Granularity::PerTensor,
+        codec: Codec::Ans,
+    };
+    assert!(matches!(
+        encoder.encode(&[0.0; 3], &[3], inline_ans),
+        Err(FrameError::Inconsistent(_))
+    ));
+}
+
+#[test]
+fn a_decoder_for_one_bundle_refuses_another_before_the_payload() {
+    let bytes = sample(Choice::Learned);
+    let ours = BundleId::from_bytes([9; 32]).tag();
+    let theirs = BundleId::from_bytes([8; 32]).tag();
+    assert!(decoder().expecting(ours).decode(&bytes).is_ok());
+    assert_eq!(
+        decoder().expecting(theirs).decode(&bytes),
+        Err(FrameError::BundleMismatch {
+            frame: ours,
+            expected: theirs
+        })
+    );
+}
+
+#[test]
 fn limits_are_enforced() {
     let bytes = sample(Choice::Calibrated {
         bits: 8,
@@ -332,10 +375,31 @@ proptest! {
         prop_assert_eq!(decoded.header.coding, frame.coding);
         // The decoded symbols are the encoder's: requantizing the restored tensor with the
         // same quantizer gives them back.
-        let again = decoded.quantizer.quantize(&decoded.dequantize(), &shape).unwrap();
+        let again = decoded.quantizer.quantize(&decoded.dequantize().unwrap(), &shape).unwrap();
         prop_assert_eq!(&again, &decoded.symbols);
         let direct = decoded.quantizer.quantize(&data, &shape).unwrap();
         prop_assert_eq!(direct, decoded.symbols);
+    }
+
+    #[test]
+    fn damaged_payloads_with_a_valid_checksum_never_panic(
+        choice in proptest::sample::select(every_choice()),
+        damage in proptest::collection::vec((any::<usize>(), 1u8..=255), 1..8),
+    ) {
+        // Random damage rarely survives the CRC; fixing it up lets the payload decoders (raw,
+        // zstd, ans under both priors) see hostile bytes, as the fuzz target does.
+        let mut bytes = sample(choice);
+        let body = bytes.len() - 4;
+        for (at, flip) in damage {
+            bytes[at % body] ^= flip;
+        }
+        let crc = crc32fast::hash(&bytes[..body]);
+        bytes[body..].copy_from_slice(&crc.to_le_bytes());
+        if let Ok(frame) = decoder().decode(&bytes) {
+            let elements: usize = frame.header.shape.iter().product();
+            prop_assert_eq!(frame.symbols.len(), elements);
+            prop_assert_eq!(frame.dequantize().unwrap().len(), elements);
+        }
     }
 
     #[test]

@@ -1,12 +1,11 @@
 //! What the fuzz targets and the seed writer share: the bundled model's real coding tables
 //! and real bottleneck values, both compiled in so that a target needs no files at run time.
 
-use cleave_codec::{CodingTables, LevelRanges};
+#[path = "../../codec/benches/support/bundled.rs"]
+mod bundled;
 
-/// The bundled model's manifest (calibrated clipping ranges per bit depth).
-pub const MANIFEST: &str = include_str!("../../models/efficientnet-lite0-split/manifest.toml");
-/// The bundled model's priors (static pmfs per bit depth, learned factorized CDFs).
-pub const PRIORS: &str = include_str!("../../models/efficientnet-lite0-split/priors.json");
+pub use bundled::{MANIFEST, PRIORS, bundle_id, bundled_tables, manifest_levels};
+
 /// Real head outputs: 4 frames of [12, 16, 16] f32 little-endian (central crops of the
 /// bundled head's bottleneck; the fourth is the first scaled far out of range).
 pub const FEATURES: &[u8] = include_bytes!("../../codec/tests/data/compressai/features.f32");
@@ -17,48 +16,6 @@ pub const CHANNELS: usize = 12;
 pub const CROP: usize = 16;
 /// Frames in [`FEATURES`].
 pub const FRAMES: usize = 4;
-
-/// The calibrated levels the manifest lists.
-///
-/// # Panics
-///
-/// If the compiled-in manifest is not the documented TOML (a build-time fixture, not input).
-pub fn manifest_levels() -> (usize, Vec<LevelRanges>) {
-    let manifest: toml::Table = MANIFEST.parse().expect("bundled manifest is TOML");
-    let bottleneck = &manifest["bottleneck"];
-    let channels = bottleneck["shape"][0]
-        .as_integer()
-        .expect("bottleneck.shape[0] is an integer") as usize;
-    let floats = |v: &toml::Value| -> Vec<f32> {
-        v.as_array()
-            .expect("a list of floats")
-            .iter()
-            .map(|x| x.as_float().expect("a float") as f32)
-            .collect()
-    };
-    let levels = bottleneck["quantization"]["levels"]
-        .as_array()
-        .expect("bottleneck.quantization.levels is a list")
-        .iter()
-        .map(|level| LevelRanges {
-            bits: level["bits"].as_integer().expect("bits is an integer") as u8,
-            low: floats(&level["low"]),
-            high: floats(&level["high"]),
-        })
-        .collect();
-    (channels, levels)
-}
-
-/// The bundled model's coding tables, exactly as the engine builds them.
-///
-/// # Panics
-///
-/// If the bundled tables do not build (a build-time fixture, not input).
-pub fn bundled_tables() -> CodingTables {
-    let (channels, levels) = manifest_levels();
-    assert_eq!(channels, CHANNELS, "the bundled bottleneck has 12 channels");
-    CodingTables::new(channels, &levels, Some(PRIORS)).expect("bundled tables build")
-}
 
 /// Frame `frame` of [`FEATURES`]: a [12, 16, 16] tensor, row-major.
 pub fn feature_frame(frame: usize) -> Vec<f32> {

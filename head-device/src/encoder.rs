@@ -16,8 +16,8 @@ use crate::HeadError;
 /// How the head codes its frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CodingPolicy {
-    /// Always this bit depth and codec (calibrated ranges if the bundle has them, otherwise
-    /// ranges fitted to each frame).
+    /// Always this bit depth and codec (the bundle's calibrated level at that depth if it
+    /// has one, otherwise ranges fitted to each frame).
     Fixed {
         /// Bit depth, 2 to 8.
         bits: u8,
@@ -101,12 +101,12 @@ impl HeadEncoder {
         let tables = self.bundle.coding_tables();
         let problem = match policy {
             CodingPolicy::Fixed { bits, codec } => match tables {
-                Some(t) if t.level(bits).is_none() => Some(format!(
+                Some(t) if !t.levels().is_empty() && t.level(bits).is_none() => Some(format!(
                     "the bundle has no calibrated level at {bits} bits (it has {:?})",
                     t.levels().iter().map(|l| l.bits).collect::<Vec<_>>()
                 )),
-                None if codec == Codec::Ans => {
-                    Some("ans needs the bundle's priors; this bundle was not calibrated".into())
+                _ if codec == Codec::Ans && tables.is_none_or(|t| t.levels().is_empty()) => {
+                    Some("ans needs the bundle's calibrated priors; this bundle has none".into())
                 }
                 _ => None,
             },
@@ -115,8 +115,8 @@ impl HeadEncoder {
                 .is_none()
                 .then(|| "the bundle has no learned prior".to_owned()),
             CodingPolicy::Budget { .. } => tables
-                .is_none()
-                .then(|| "a byte budget needs a calibrated bundle".to_owned()),
+                .is_none_or(|t| t.levels().is_empty())
+                .then(|| "a byte budget needs a bundle with calibrated levels".to_owned()),
         };
         if let Some(problem) = problem {
             return Err(HeadError::Codec(problem));
@@ -168,7 +168,9 @@ impl HeadEncoder {
         let tables = self.bundle.coding_tables();
         let encoder = FrameEncoder::new(self.bundle.id().tag(), tables);
         let coded = match self.policy {
-            CodingPolicy::Fixed { bits, codec } if tables.is_some() => {
+            CodingPolicy::Fixed { bits, codec }
+                if tables.is_some_and(|t| t.level(bits).is_some()) =>
+            {
                 encoder.encode(&features.data, shape, Choice::Calibrated { bits, codec })
             }
             CodingPolicy::Fixed { bits, codec } => {

@@ -38,9 +38,10 @@ struct Args {
     #[arg(long, conflicts_with_all = ["bits", "codec", "byte_budget"])]
     learned_prior: bool,
     /// Bytes per frame (header included): each frame gets the highest calibrated bit depth
-    /// that fits.
-    #[arg(long, conflicts_with = "bits")]
-    byte_budget: Option<usize>,
+    /// that fits, coded with --codec (rate control steps through bit depths only, not codecs
+    /// or the learned prior). A frame that fits at no depth fails with the smallest size.
+    #[arg(long, conflicts_with = "bits", value_parser = clap::value_parser!(u64).range(1..))]
+    byte_budget: Option<u64>,
     /// Frames in flight on the uplink at once.
     #[arg(long, default_value_t = 4)]
     window: usize,
@@ -109,6 +110,7 @@ fn policy(args: &Args, default: CodingPolicy) -> Option<CodingPolicy> {
     if args.learned_prior {
         Some(CodingPolicy::Learned)
     } else if let Some(bytes) = args.byte_budget {
+        let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
         Some(CodingPolicy::Budget { bytes, codec })
     } else if args.bits.is_some() || args.codec.is_some() {
         let bits = args.bits.unwrap_or(default_bits);

@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cleave_codec::{BundleId, FrameDecoder, Limits};
+use cleave_codec::{BundleId, FrameDecoder, FrameError, Limits};
 use cleave_engine::{Bundle, Tensor, top_k};
 use cleave_proto::BUNDLE_ID_METADATA;
 use cleave_proto::v1::split_server::Split;
@@ -37,11 +37,14 @@ struct Inner {
 impl SplitService {
     /// A service for `bundle`, running frames on `executor`.
     pub fn new(bundle: Arc<Bundle>, executor: TailExecutor, max_frame_bytes: usize) -> Self {
+        // A frame for this tail holds exactly one bottleneck: no more elements than that are
+        // ever decoded, and a frame for another bundle is refused before its payload is.
         let limits = Limits {
             max_frame_bytes,
-            ..Limits::default()
+            max_elements: bundle.manifest().bottleneck.shape.iter().product(),
         };
-        let decoder = FrameDecoder::new(bundle.coding_tables().cloned(), limits);
+        let decoder =
+            FrameDecoder::new(bundle.coding_tables().cloned(), limits).expecting(bundle.id().tag());
         Self {
             inner: Arc::new(Inner {
                 bundle,
@@ -86,14 +89,16 @@ impl Inner {
     }
 
     async fn classify(&self, bytes: &[u8]) -> Result<Classification, TailError> {
-        let decoded = self.decoder.decode(bytes)?;
         let tail = self.bundle.id();
-        if decoded.header.bundle_tag != tail.tag() {
-            return Err(TailError::BundleMismatch {
-                head: format!("{}… (frame tag)", decoded.header.bundle_tag),
-                tail,
-            });
-        }
+        let decoded = match self.decoder.decode(bytes) {
+            Err(FrameError::BundleMismatch { frame, .. }) => {
+                return Err(TailError::BundleMismatch {
+                    head: format!("{frame}… (frame tag)"),
+                    tail,
+                });
+            }
+            other => other?,
+        };
         let expected = &self.bundle.manifest().bottleneck.shape;
         if &decoded.header.shape != expected {
             return Err(TailError::ShapeMismatch {
@@ -103,7 +108,8 @@ impl Inner {
         }
         let mut shape = vec![1];
         shape.extend_from_slice(expected);
-        let input = Tensor::new(shape, decoded.dequantize());
+        let restored = decoded.dequantize().map_err(FrameError::from)?;
+        let input = Tensor::new(shape, restored);
         let logits = self.executor.run(input).await?;
         let labels = &self.bundle.manifest().labels.names;
         let top = top_k(&logits.data, TOP_K)

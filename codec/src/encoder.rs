@@ -70,9 +70,12 @@ impl<'t> FrameEncoder<'t> {
     ///
     /// # Errors
     ///
-    /// [`FrameError::MissingTable`] if the choice needs a table the bundle lacks,
-    /// [`FrameError::Inconsistent`] for `ans` without a prior or the learned prior with
-    /// another codec, [`FrameError::Quantize`] for a tensor that cannot be quantized.
+    /// [`FrameError::UnencodableShape`] for a shape the format cannot carry,
+    /// [`FrameError::Inconsistent`] for `ans` without a prior or a bit depth outside 2..=8,
+    /// [`FrameError::MissingTable`] / [`FrameError::TableShape`] if the choice needs a table
+    /// the bundle lacks or the tensor's channels differ from the tables',
+    /// [`FrameError::Quantize`] for a tensor that cannot be quantized, and
+    /// [`FrameError::Encode`] if the coder refuses the symbols.
     pub fn encode(
         &self,
         tensor: &[f32],

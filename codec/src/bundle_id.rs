@@ -38,11 +38,13 @@ impl BundleId {
 
 impl fmt::Display for BundleId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for byte in self.0 {
-            write!(f, "{byte:02x}")?;
-        }
-        Ok(())
+        write_hex(f, &self.0)
     }
+}
+
+/// Lower-case hex, two digits a byte.
+fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
+    bytes.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
 }
 
 impl fmt::Debug for BundleId {
@@ -57,10 +59,7 @@ pub struct BundleTag(pub [u8; 8]);
 
 impl fmt::Display for BundleTag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for byte in self.0 {
-            write!(f, "{byte:02x}")?;
-        }
-        Ok(())
+        write_hex(f, &self.0)
     }
 }
 
@@ -102,6 +101,7 @@ mod tests {
         assert_eq!(text.len(), 64);
         assert_eq!(text.parse::<BundleId>(), Ok(id));
         assert_eq!(id.short(), &text[..12]);
+        assert_eq!(id.tag().to_string(), &text[..16]);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! time. Coding a bottleneck frame takes well under a millisecond (see the codec benchmark),
 //! so it measures real sizes rather than predicting them.
 
+use std::borrow::Cow;
+
 use crate::ans;
 use crate::frame::{
     Codec, Coding, FrameError, FrameParts, MAX_RANK, check_combination, table, write_frame,
@@ -94,14 +96,14 @@ impl<'t> FrameEncoder<'t> {
                 bits, granularity, ..
             } => {
                 let fitted = Quantizer::fit(tensor, shape, granularity, bits)?;
-                (Fitted::Own(fitted), None)
+                (Cow::Owned(fitted), None)
             }
             _ => {
                 let (quantizer, prior) = table(self.tables, coding, shape)?;
-                (Fitted::Table(quantizer), Some(prior))
+                (Cow::Borrowed(quantizer), Some(prior))
             }
         };
-        let quantizer = quantizer.get();
+        let quantizer: &Quantizer = &quantizer;
         let symbols = quantizer.quantize(tensor, shape)?;
         let payload = code(codec, coding, prior, &symbols)?;
         let inline = match (&choice, quantizer) {
@@ -170,21 +172,6 @@ fn check_shape(shape: &[usize]) -> Result<(), FrameError> {
         return Err(FrameError::UnencodableShape(shape.to_vec()));
     }
     Ok(())
-}
-
-/// A quantizer fitted to this frame, or one borrowed from the tables.
-enum Fitted<'t> {
-    Own(Quantizer),
-    Table(&'t Quantizer),
-}
-
-impl Fitted<'_> {
-    fn get(&self) -> &Quantizer {
-        match self {
-            Fitted::Own(q) => q,
-            Fitted::Table(q) => q,
-        }
-    }
 }
 
 fn code(

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use cleave_codec::{CodingTables, LevelRanges};
 
 use crate::backend::{Backend, Model};
-use crate::manifest::{Manifest, ModelFile};
+use crate::manifest::{Manifest, ModelFile, Task};
 use crate::{BundleId, EngineError};
 
 /// Manifest format version this build reads.
@@ -150,11 +150,14 @@ impl Bundle {
         }
     }
 
-    /// Per-sample output shape of a model.
+    /// Per-sample output shape of a model: `[labels]` logits for classification, a
+    /// `[1, height, width]` probability map over the input for detection.
     pub fn output_shape(&self, role: Role) -> Vec<usize> {
-        match role {
-            Role::Full | Role::Tail => vec![self.manifest.labels.names.len()],
-            Role::Head => self.manifest.bottleneck.shape.clone(),
+        let input = &self.manifest.input;
+        match (role, self.manifest.task) {
+            (Role::Head, _) => self.manifest.bottleneck.shape.clone(),
+            (_, Task::Classification) => vec![self.manifest.labels.names.len()],
+            (_, Task::Detection) => vec![1, input.height, input.width],
         }
     }
 
@@ -261,7 +264,7 @@ fn validate(manifest: &Manifest) -> Result<(), String> {
     if manifest.labels.names.is_empty() {
         return Err("labels.names is empty".into());
     }
-    Ok(())
+    manifest.check_task()
 }
 
 /// Reads the priors file (verified like a model) and builds the coding tables the manifest's

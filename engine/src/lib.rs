@@ -14,8 +14,10 @@
 //! | load + optimize | [`Bundle::load`] with a [`Backend`] | a [`Model`] (any batch size) |
 //! | run | [`Model::run`] | a [`Tensor`] |
 //!
-//! [`Preprocessor`] turns JPEG/PNG bytes into the model's input tensor as the manifest says;
-//! [`top_k`] turns logits into ranked classes.
+//! [`Preprocessor`] turns JPEG/PNG bytes into the model's input tensor as the manifest says.
+//! The manifest's [`Task`] decides what turns the model's output into a result: [`top_k`]
+//! ranks a classifier's logits; [`DbPostprocess`] turns a detector's probability map into
+//! boxes ([`Detection`]) with the parameters of the manifest's `[detection]` table.
 //!
 //! The engine knows nothing of networks or gRPC; it depends only on the codec (for
 //! [`BundleId`]).
@@ -23,6 +25,7 @@
 mod backend;
 mod bundle;
 mod classify;
+mod detect;
 mod error;
 mod manifest;
 #[cfg(feature = "ort")]
@@ -35,10 +38,11 @@ pub use backend::{Backend, Model, OrtDevice};
 pub use bundle::{Bundle, Role};
 pub use classify::{ClassScore, softmax, top_k};
 pub use cleave_codec::BundleId;
+pub use detect::{DbPostprocess, Detection};
 pub use error::EngineError;
 pub use manifest::{
-    BottleneckSpec, Fidelity, InputSpec, Manifest, ModelFile, QuantizationLevel, QuantizationSpec,
-    Task,
+    BottleneckSpec, DetectionFidelity, DetectionKind, DetectionSpec, Fidelity, InputSpec, Manifest,
+    ModelFile, QuantizationLevel, QuantizationSpec, Task,
 };
 pub use preprocess::Preprocessor;
 pub use tensor::Tensor;

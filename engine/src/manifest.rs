@@ -3,6 +3,11 @@
 //! The manifest is the contract between the tool that makes a bundle
 //! (`models/tools/make_bundle.py`) and every runtime that opens one. Unknown keys are errors,
 //! so a typo is caught at open rather than silently ignored.
+//!
+//! The task decides what the models end in and what turns that into a result: logits over
+//! `labels` for `classification` (ranked by [`top_k`](crate::top_k)), a DB probability map
+//! for `detection`, made into boxes by [`DbPostprocess`](crate::DbPostprocess) with the
+//! parameters of the `[detection]` table, which only a detection bundle has.
 
 use serde::Deserialize;
 
@@ -29,8 +34,13 @@ pub struct Manifest {
     pub models: Models,
     /// The cut between head and tail.
     pub bottleneck: BottleneckSpec,
-    /// Measured quality of the split, if the tool measured it.
+    /// Measured quality of a classification split, if the tool measured it (a detection
+    /// bundle keeps its figures in `[detection.fidelity]`).
     pub fidelity: Option<Fidelity>,
+    /// How a detection bundle's map becomes boxes: required for `task = "detection"`,
+    /// refused for any other task.
+    #[serde(default)]
+    pub detection: Option<DetectionSpec>,
     /// Class names.
     pub labels: Labels,
 }
@@ -42,7 +52,152 @@ pub struct Manifest {
 pub enum Task {
     /// Logits over `labels`.
     Classification,
+    /// A probability map `[1, H, W]` over the input image (H, W: the input's height and
+    /// width), made into boxes as the `[detection]` table says.
+    Detection,
 }
+
+impl Task {
+    /// The name `manifest.toml` uses: `classification` or `detection`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Classification => "classification",
+            Task::Detection => "detection",
+        }
+    }
+}
+
+/// The `[detection]` table: how a probability map becomes boxes (`DbPostprocess`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectionSpec {
+    /// The kind of map; only `db`.
+    pub kind: DetectionKind,
+    /// A map pixel is foreground when its probability is above this, in (0, 1).
+    pub binarize_threshold: f64,
+    /// A box is kept when the mean probability over its component's pixels reaches this.
+    pub box_threshold: f64,
+    /// Each box side grows by `area * unclip_ratio / perimeter` map pixels (DB's unclip).
+    pub unclip_ratio: f64,
+    /// A box overlapping a better-scored one by more than this IoU is dropped, in (0, 1].
+    pub nms_iou: f64,
+    /// At most this many boxes per image.
+    pub max_detections: usize,
+    /// Components whose shorter side is under this many map pixels are dropped.
+    pub min_box_side: f64,
+    /// Measured quality of the split, if the tool measured it.
+    #[serde(default)]
+    pub fidelity: Option<DetectionFidelity>,
+}
+
+/// What kind of detector output a `[detection]` table decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DetectionKind {
+    /// A DB ("Differentiable Binarization") text probability map, as PP-OCR's detectors
+    /// make; one class.
+    Db,
+}
+
+/// Quality of a detection split as measured by the tool that made the bundle: the split
+/// (with its quantized bottleneck) against the full model on held-out views.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectionFidelity {
+    /// Mean absolute difference between the full and the split model's probability maps.
+    pub map_mae: f64,
+    /// F1 of the split's boxes against the full model's, matched one-to-one at IoU 0.5.
+    pub box_f1: f64,
+    /// Mean over the full model's boxes of the best IoU with any of the split's.
+    pub mean_best_iou: f64,
+    /// Mean coded payload per frame, in bytes.
+    pub payload_bytes: u64,
+    /// What the figures were measured on.
+    pub evaluated_on: String,
+}
+
+impl Manifest {
+    /// Checks that the task and its tables agree: a detection bundle has a valid
+    /// `[detection]` table, one label for a DB map and no classification `[fidelity]`; a
+    /// classification bundle has no `[detection]` table. The message names the key.
+    ///
+    /// # Errors
+    ///
+    /// What is wrong, for [`EngineError::Manifest`](crate::EngineError::Manifest).
+    pub fn check_task(&self) -> Result<(), String> {
+        match (self.task, &self.detection) {
+            (Task::Detection, None) => Err("task = \"detection\" needs a [detection] table \
+                 (kind, binarize_threshold, box_threshold, unclip_ratio, nms_iou, \
+                 max_detections, min_box_side)"
+                .into()),
+            (Task::Detection, Some(spec)) => {
+                spec.check()?;
+                if self.fidelity.is_some() {
+                    return Err("[fidelity] holds classification figures (top-1, KL); a \
+                         detection bundle keeps its own in [detection.fidelity]"
+                        .into());
+                }
+                let labels = self.labels.names.len();
+                if spec.kind == DetectionKind::Db && labels != 1 {
+                    return Err(format!(
+                        "detection.kind \"db\" finds one class, but labels.names has {labels}"
+                    ));
+                }
+                Ok(())
+            }
+            (task, Some(_)) => Err(format!(
+                "a [detection] table is only for task = \"detection\", not {:?}",
+                task.name()
+            )),
+            (_, None) => Ok(()),
+        }
+    }
+}
+
+impl DetectionSpec {
+    /// Checks every parameter's range; the message names the key.
+    ///
+    /// # Errors
+    ///
+    /// What is out of range.
+    pub fn check(&self) -> Result<(), String> {
+        let within = |name: &str, value: f64, ok: bool, range: &str| {
+            if ok && value.is_finite() {
+                Ok(())
+            } else {
+                Err(format!("detection.{name} = {value} is not in {range}"))
+            }
+        };
+        let t = self.binarize_threshold;
+        within("binarize_threshold", t, t > 0.0 && t < 1.0, "(0, 1)")?;
+        let b = self.box_threshold;
+        within("box_threshold", b, (0.0..=1.0).contains(&b), "[0, 1]")?;
+        let u = self.unclip_ratio;
+        within(
+            "unclip_ratio",
+            u,
+            (0.0..=MAX_UNCLIP_RATIO).contains(&u),
+            "[0, 10]",
+        )?;
+        let n = self.nms_iou;
+        within("nms_iou", n, n > 0.0 && n <= 1.0, "(0, 1]")?;
+        let m = self.min_box_side;
+        within("min_box_side", m, m >= 0.0, "[0, inf)")?;
+        if self.max_detections == 0 || self.max_detections > MAX_DETECTIONS {
+            return Err(format!(
+                "detection.max_detections = {} is not in [1, {MAX_DETECTIONS}]",
+                self.max_detections
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Largest `unclip_ratio` accepted (DB uses 1.5 to 2).
+const MAX_UNCLIP_RATIO: f64 = 10.0;
+/// Largest `max_detections` accepted.
+const MAX_DETECTIONS: usize = 100_000;
 
 /// How an image becomes the model's input tensor.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -170,4 +325,74 @@ pub struct Fidelity {
 pub struct Labels {
     /// One name per class.
     pub names: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = "kind = \"db\"\nbinarize_threshold = 0.3\nbox_threshold = 0.5\n\
+        unclip_ratio = 1.6\nnms_iou = 0.5\nmax_detections = 100\nmin_box_side = 3.0\n";
+
+    fn spec(replace: (&str, &str)) -> Result<DetectionSpec, String> {
+        let spec: DetectionSpec =
+            toml::from_str(&SPEC.replace(replace.0, replace.1)).map_err(|e| e.to_string())?;
+        spec.check().map(|()| spec)
+    }
+
+    #[test]
+    fn a_db_table_parses_and_passes() {
+        let s = spec(("", "")).unwrap();
+        assert_eq!(s.kind, DetectionKind::Db);
+        assert_eq!(s.max_detections, 100);
+        assert!(s.fidelity.is_none());
+    }
+
+    #[test]
+    fn every_parameter_is_range_checked_by_name() {
+        for (from, to, says) in [
+            (
+                "binarize_threshold = 0.3",
+                "binarize_threshold = 0.0",
+                "binarize_threshold",
+            ),
+            (
+                "binarize_threshold = 0.3",
+                "binarize_threshold = nan",
+                "binarize_threshold",
+            ),
+            (
+                "box_threshold = 0.5",
+                "box_threshold = 1.01",
+                "box_threshold",
+            ),
+            ("unclip_ratio = 1.6", "unclip_ratio = -1.0", "unclip_ratio"),
+            ("unclip_ratio = 1.6", "unclip_ratio = inf", "unclip_ratio"),
+            ("nms_iou = 0.5", "nms_iou = 0.0", "nms_iou"),
+            (
+                "max_detections = 100",
+                "max_detections = 0",
+                "max_detections",
+            ),
+            (
+                "max_detections = 100",
+                "max_detections = 1000000",
+                "max_detections",
+            ),
+            ("min_box_side = 3.0", "min_box_side = -0.5", "min_box_side"),
+            ("kind = \"db\"", "kind = \"east\"", "unknown variant"),
+            ("nms_iou", "iou", "unknown field"),
+        ] {
+            let error = spec((from, to)).unwrap_err();
+            assert!(error.contains(says), "{to}: {error}");
+        }
+    }
+
+    #[test]
+    fn task_names_are_the_manifest_spelling() {
+        for task in [Task::Classification, Task::Detection] {
+            let parsed: Task = toml::Value::String(task.name().into()).try_into().unwrap();
+            assert_eq!(parsed, task);
+        }
+    }
 }

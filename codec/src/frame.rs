@@ -421,6 +421,29 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The bundle tag of a frame, read from its header without decoding or checking anything
+/// else: enough for a server to pick the bundle's decoder, which then checks everything.
+///
+/// # Errors
+///
+/// [`FrameError::Truncated`] or [`FrameError::BadMagic`] for bytes too short to hold a tag
+/// or that are not a frame.
+pub fn peek_bundle_tag(bytes: &[u8]) -> Result<BundleTag, FrameError> {
+    // magic 4, version, flags, codec, bits, table: the tag starts at byte 9.
+    const AT: usize = 9;
+    let tag = bytes.get(AT..AT + 8).ok_or(FrameError::Truncated {
+        needed: AT + 8,
+        actual: bytes.len(),
+    })?;
+    let magic: [u8; 4] = bytes[..4].try_into().unwrap_or_default();
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    let mut out = [0u8; 8];
+    out.copy_from_slice(tag);
+    Ok(BundleTag(out))
+}
+
 /// Decodes frames for one bundle: checks untrusted bytes and restores their symbols with the
 /// bundle's coding tables (or the frame's own parameters).
 #[derive(Debug, Clone)]

@@ -48,7 +48,7 @@ pub use bundle_id::{BundleId, BundleTag, ParseBundleIdError};
 pub use encoder::{Choice, EncodedFrame, FrameEncoder};
 pub use frame::{
     Codec, Coding, DecodedFrame, FORMAT_VERSION, FrameDecoder, FrameError, FrameHeader, Limits,
-    MAGIC,
+    MAGIC, peek_bundle_tag,
 };
 pub use prior::{BYPASS_BITS, MAX_CHANNELS, PRECISION, Prior, PriorError};
 pub use quantize::{

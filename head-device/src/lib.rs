@@ -19,7 +19,7 @@ pub mod sources;
 mod uplink;
 
 pub use encoder::{CodingPolicy, EncodedFrame, HeadEncoder};
-pub use report::{Failure, FrameReport, Outcome, Score};
+pub use report::{DetectedBox, Failure, FrameReport, Outcome, Score};
 pub use run::{RunSummary, run_split, write_json_line};
 pub use uplink::{FrameSender, ResultReceiver, Uplink, UplinkResult};
 

@@ -83,8 +83,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     })
     .await?;
     eprintln!(
-        "cleave-head: {} classified, {} failed, {} bytes sent",
-        summary.classified, summary.failed, summary.bytes_sent
+        "cleave-head: {} answered, {} failed, {} bytes sent",
+        summary.answered, summary.failed, summary.bytes_sent
     );
     Ok(if summary.failed == 0 {
         ExitCode::SUCCESS

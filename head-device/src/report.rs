@@ -13,7 +13,19 @@ pub struct Score {
     pub score: f32,
 }
 
-/// How a frame ended: `"top5": [...]` or `"error": {"kind": ..., "message": ...}` in JSON.
+/// One box found by a detection bundle, in the model input's pixel coordinates.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DetectedBox {
+    /// Left, top, right, bottom.
+    pub corners: [f32; 4],
+    /// Confidence.
+    pub score: f32,
+    /// Class name.
+    pub label: String,
+}
+
+/// How a frame ended: `"top5": [...]`, `"boxes": [...]` or
+/// `"error": {"kind": ..., "message": ...}` in JSON.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Outcome {
@@ -21,6 +33,11 @@ pub enum Outcome {
     Classified {
         /// The best classes, best first.
         top5: Vec<Score>,
+    },
+    /// The tail ran a detector on the frame.
+    Detected {
+        /// The boxes, best first.
+        boxes: Vec<DetectedBox>,
     },
     /// The frame failed, here or at the tail.
     Failed {
@@ -76,7 +93,7 @@ impl FrameReport {
     pub fn top1(&self) -> Option<&Score> {
         match &self.outcome {
             Outcome::Classified { top5 } => top5.first(),
-            Outcome::Failed { .. } => None,
+            Outcome::Detected { .. } | Outcome::Failed { .. } => None,
         }
     }
 }

@@ -17,8 +17,8 @@ use crate::{HeadEncoder, HeadError, ResultReceiver, Uplink, UplinkResult};
 /// What a run did, for the caller's exit status and summary line.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunSummary {
-    /// Frames classified.
-    pub classified: usize,
+    /// Frames the tail answered (classified or detected).
+    pub answered: usize,
     /// Frames that failed.
     pub failed: usize,
     /// Coded bytes sent, all frames.
@@ -53,12 +53,7 @@ impl SentFrame {
         };
         let now = Instant::now();
         let round_trip_ms = (now - self.sent).as_secs_f64() * 1e3;
-        let outcome = match result.outcome {
-            Ok(top5) => Outcome::Classified { top5 },
-            Err((kind, message)) => Outcome::Failed {
-                error: Failure { kind, message },
-            },
-        };
+        let outcome = result.outcome;
         FrameReport {
             frame_id: self.frame_id,
             source: self.source,
@@ -179,7 +174,7 @@ pub async fn run_split(
             }
         };
         match report.outcome {
-            Outcome::Classified { .. } => summary.classified += 1,
+            Outcome::Classified { .. } | Outcome::Detected { .. } => summary.answered += 1,
             Outcome::Failed { .. } => summary.failed += 1,
         }
         summary.bytes_sent += report.bytes_sent;

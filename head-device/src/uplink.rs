@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::HeadError;
-use crate::report::Score;
+use crate::report::{DetectedBox, Failure, Outcome, Score};
 
 /// Bytes gRPC adds in front of every message (compression flag and length).
 const GRPC_PREFIX_BYTES: usize = 5;
@@ -29,8 +29,8 @@ pub struct Uplink {
 pub struct UplinkResult {
     /// The frame's id.
     pub frame_id: u64,
-    /// Ranked classes, or the tail's per-frame error `(kind, message)`.
-    pub outcome: Result<Vec<Score>, (String, String)>,
+    /// Ranked classes, boxes, or the tail's per-frame error.
+    pub outcome: Outcome,
     /// Milliseconds the tail spent on the frame.
     pub tail_ms: f64,
     /// Coded bytes the tail says it received.
@@ -71,7 +71,12 @@ impl Uplink {
         };
         let response = match client.negotiate(request).await {
             Ok(response) => response.into_inner(),
-            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::NotFound
+                ) =>
+            {
                 return Err(mismatch(server, bundle_id, &status));
             }
             Err(status) => return Err(uplink_err(format!("negotiation failed: {status}"))),
@@ -158,10 +163,7 @@ fn mismatch(server: &str, head: BundleId, status: &tonic::Status) -> HeadError {
         .metadata()
         .get(BUNDLE_ID_METADATA)
         .and_then(|v| v.to_str().ok())
-        .map_or_else(
-            || format!("another bundle ({})", status.message()),
-            str::to_string,
-        );
+        .map_or_else(|| status.message().to_string(), str::to_string);
     HeadError::BundleMismatch {
         server: server.to_string(),
         head: head.to_string(),
@@ -184,7 +186,11 @@ impl FrameSender {
     ///
     /// [`HeadError::Uplink`] if the stream has closed.
     pub async fn send(&self, frame_id: u64, frame: Vec<u8>) -> Result<usize, HeadError> {
-        let message = FeatureFrame { frame_id, frame };
+        let message = FeatureFrame {
+            frame_id,
+            frame,
+            deadline_ms: 0,
+        };
         let wire = message.encoded_len() + GRPC_PREFIX_BYTES;
         self.tx.send(message).await.map_err(|_| HeadError::Uplink {
             server: self.server.clone(),
@@ -222,15 +228,28 @@ impl ResultReceiver {
 
 fn convert(result: FrameResult) -> UplinkResult {
     let outcome = match result.outcome {
-        Some(frame_result::Outcome::Classification(c)) => Ok(c
-            .top
-            .into_iter()
-            .map(|s| Score {
-                index: s.index,
-                label: s.label,
-                score: s.score,
-            })
-            .collect()),
+        Some(frame_result::Outcome::Classification(c)) => Outcome::Classified {
+            top5: c
+                .top
+                .into_iter()
+                .map(|s| Score {
+                    index: s.index,
+                    label: s.label,
+                    score: s.score,
+                })
+                .collect(),
+        },
+        Some(frame_result::Outcome::Detections(d)) => Outcome::Detected {
+            boxes: d
+                .boxes
+                .into_iter()
+                .map(|b| DetectedBox {
+                    corners: [b.x0, b.y0, b.x1, b.y1],
+                    score: b.score,
+                    label: b.label,
+                })
+                .collect(),
+        },
         Some(frame_result::Outcome::Error(e)) => {
             let kind = frame_error::Kind::try_from(e.kind)
                 .map(|k| {
@@ -239,15 +258,21 @@ fn convert(result: FrameResult) -> UplinkResult {
                         .to_ascii_lowercase()
                 })
                 .unwrap_or_else(|_| format!("unknown({})", e.kind));
-            Err((kind, e.message))
+            failed(kind, e.message)
         }
-        None => Err(("unknown".into(), "the tail sent no outcome".into())),
+        None => failed("unknown".into(), "the tail sent no outcome".into()),
     };
     UplinkResult {
         frame_id: result.frame_id,
         outcome,
         tail_ms: result.tail_ms,
         received_bytes: result.received_bytes,
+    }
+}
+
+fn failed(kind: String, message: String) -> Outcome {
+    Outcome::Failed {
+        error: Failure { kind, message },
     }
 }
 

@@ -1,138 +1,209 @@
-//! The server side of Cleave: a gRPC service that finishes what the heads started.
+//! The server side of Cleave: the services that finish what the heads started.
 //!
 //! # Brief overview
 //!
-//! [`TailServer::build`] opens a bundle, loads its tail model once (on a dedicated thread:
-//! model execution never runs on the async workers, see [`executor`]), and binds a listener.
-//! [`TailServer::serve`] then serves `cleave.v1.Split` and `grpc.health.v1.Health` until a
-//! shutdown signal, after which in-flight frames finish and health reports `NOT_SERVING`.
+//! [`TailServer::build`] loads the model repository — every bundle of the config, each
+//! model loaded, warmed up at the batch sizes it will run and given a dynamic [`Batcher`]
+//! (model execution runs on the batcher's threads, never on the async workers) — and binds
+//! the listeners. [`TailServer::serve`] then serves, on one gRPC port:
 //!
-//! For every frame the service decodes the feature frame (cleave-codec), checks its bundle id
-//! and shape, dequantizes, runs the tail and ranks the classes. A bad frame gets a per-frame
-//! error; the stream carries on.
+//! - `cleave.v1.Split` ([`SplitService`]): heads send coded feature frames; the head's
+//!   bundle id picks the tail;
+//! - `inference.GRPCInferenceService` ([`KserveService`]): the KServe v2 / Open Inference
+//!   Protocol, so Triton's and KServe's clients work unchanged;
+//! - `grpc.health.v1.Health`;
+//!
+//! and on an optional HTTP port `/healthz`, `/readyz` and Prometheus `/metrics`
+//! ([`telemetry`] lists the metrics).
+//!
+//! On shutdown, readiness and health turn `NOT_SERVING` first, the gRPC server stops taking
+//! connections and streams, in-flight requests finish, and the batchers drain their queues.
+//!
+//! | file | room |
+//! |---|---|
+//! | `config.rs` | the TOML config and flags, validated |
+//! | `repository.rs` | bundles → served models, lookup by bundle id or name |
+//! | `batcher.rs` | dynamic batching and the model threads |
+//! | `split_service.rs`, `kserve_service.rs` | the two inference protocols |
+//! | `http.rs`, `telemetry.rs` | probes and metrics |
+//! | `deadline.rs`, `status.rs` | deadlines from the wire; errors to gRPC statuses |
 
-mod executor;
+mod batcher;
+mod config;
+mod deadline;
+mod http;
+pub mod kserve_service;
+mod repository;
 mod split_service;
 mod status;
+pub mod telemetry;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use cleave_engine::{Backend, Bundle, Role};
+use cleave_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use cleave_proto::v1::split_server::SplitServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
 
-pub use executor::TailExecutor;
+pub use batcher::{BatchError, BatchOutput, Batcher, BatchingConfig};
+pub use config::{
+    BatchingFile, ConfigFile, ModelSettings, ModelSettingsFile, TailConfig, bundles_in,
+};
+pub use http::Readiness;
+pub use kserve_service::KserveService;
+pub use repository::{Answer, ModelRepository, Prediction, ServedModel, TOP_K};
 pub use split_service::SplitService;
 pub use status::TailError;
 
-/// Everything `cleave-tail` needs to start.
-#[derive(Debug, Clone)]
-pub struct TailConfig {
-    /// The bundle folder.
-    pub bundle: PathBuf,
-    /// Address to listen on; port 0 picks a free one.
-    pub listen: SocketAddr,
-    /// Inference backend for the tail model.
-    pub backend: Backend,
-    /// Largest coded frame accepted, in bytes.
-    pub max_frame_bytes: usize,
-    /// Frames waiting for the model before new ones wait for room.
-    pub queue_depth: usize,
-}
-
-impl TailConfig {
-    /// Defaults for `bundle`: loopback on a free port, tract, 4 MiB frames, queue of 64.
-    pub fn new(bundle: impl Into<PathBuf>) -> Self {
-        Self {
-            bundle: bundle.into(),
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            backend: Backend::Tract,
-            max_frame_bytes: 4 << 20,
-            queue_depth: 64,
-        }
-    }
-}
-
-/// A tail whose model is loaded and whose socket is bound, ready to serve.
+/// A tail whose models are loaded and whose sockets are bound, ready to serve.
 #[derive(Debug)]
 pub struct TailServer {
     listener: TcpListener,
-    service: SplitService,
-    bundle: Arc<Bundle>,
-    max_frame_bytes: usize,
+    http: Option<TcpListener>,
+    repository: Arc<ModelRepository>,
+    config: TailConfig,
+    readiness: Readiness,
 }
 
 impl TailServer {
-    /// Opens the bundle, loads and warms up the tail model, and binds the listener.
+    /// Validates the config, loads and warms up every model, and binds the listeners.
     ///
     /// # Errors
     ///
-    /// [`TailError`] if the bundle does not open, the model does not load, or the address
-    /// cannot be bound.
+    /// [`TailError`] if the config is invalid, a bundle does not open, a model does not load
+    /// or warm up, or an address cannot be bound.
     pub async fn build(config: &TailConfig) -> Result<Self, TailError> {
-        let bundle = Arc::new(Bundle::open(&config.bundle)?);
-        let model = {
-            let bundle = bundle.clone();
-            let backend = config.backend;
-            tokio::task::spawn_blocking(move || bundle.load(Role::Tail, &backend))
+        config.validate().map_err(TailError::Startup)?;
+        // Install the recorder before anything is counted.
+        let _ = telemetry::recorder();
+        let repository = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || ModelRepository::load(&config))
                 .await
                 .map_err(|e| TailError::Startup(format!("model loader panicked: {e}")))??
         };
-        let executor = TailExecutor::start(model, config.queue_depth)?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| TailError::Startup(format!("cannot listen on {}: {e}", config.listen)))?;
-        let service = SplitService::new(bundle.clone(), executor, config.max_frame_bytes);
+        let listener = bind(config.listen).await?;
+        let http = match config.http_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         Ok(Self {
             listener,
-            service,
-            bundle,
-            max_frame_bytes: config.max_frame_bytes,
+            http,
+            repository: Arc::new(repository),
+            config: config.clone(),
+            readiness: Readiness::default(),
         })
     }
 
-    /// The bound address (with the real port when the config asked for port 0).
+    /// The bound gRPC address (with the real port when the config asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        address_of(&self.listener)
     }
 
-    /// The bundle being served.
-    pub fn bundle(&self) -> &Bundle {
-        &self.bundle
+    /// The bound HTTP address, if there is one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(address_of)
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, lets in-flight calls finish
-    /// and returns.
+    /// The served models.
+    pub fn repository(&self) -> &Arc<ModelRepository> {
+        &self.repository
+    }
+
+    /// Serves until `shutdown` completes; then turns unready, stops taking connections and
+    /// streams, lets in-flight requests finish, drains the batchers and returns.
     ///
     /// # Errors
     ///
-    /// [`TailError::Transport`] if the server fails.
+    /// [`TailError::Transport`] if a server fails.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), TailError> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<SplitServer<SplitService>>().await;
-        let message_limit = self.max_frame_bytes + 1024;
-        let split = SplitServer::new(self.service)
-            .max_decoding_message_size(message_limit)
-            .max_encoding_message_size(message_limit);
-        let reporter = health.clone();
-        let shutdown = async move {
-            shutdown.await;
-            reporter
-                .set_not_serving::<SplitServer<SplitService>>()
+        let names = [
+            "",
+            <SplitServer<SplitService> as tonic::server::NamedService>::NAME,
+            <GrpcInferenceServiceServer<KserveService> as tonic::server::NamedService>::NAME,
+        ];
+        for name in names {
+            health
+                .set_service_status(name, ServingStatus::Serving)
                 .await;
-            tracing::info!("shutting down: no new calls, finishing in-flight frames");
+        }
+        let message_limit = self.config.max_frame_bytes + 64 * 1024;
+        let split = SplitServer::new(SplitService::new(
+            self.repository.clone(),
+            self.config.max_frame_bytes,
+            self.config.stream_window,
+        ))
+        .max_decoding_message_size(message_limit)
+        .max_encoding_message_size(message_limit);
+        let kserve = GrpcInferenceServiceServer::new(KserveService::new(
+            self.repository.clone(),
+            self.readiness.clone(),
+        ))
+        .max_decoding_message_size(message_limit)
+        .max_encoding_message_size(message_limit);
+
+        let readiness = self.readiness.clone();
+        let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let http_task = self.http.map(|listener| {
+            let readiness = readiness.clone();
+            tokio::spawn(http::serve(listener, readiness, async {
+                let _ = http_stopped.await;
+            }))
+        });
+        readiness.set(true);
+        tracing::info!(
+            models = self.repository.models().len(),
+            "ready: every model loaded and warmed up"
+        );
+
+        let draining = async move {
+            shutdown.await;
+            readiness.set(false);
+            for name in names {
+                health
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            tracing::info!("shutting down: no new streams, finishing in-flight frames");
         };
-        tonic::transport::Server::builder()
+        let served = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(self.config.max_concurrent_streams))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(split)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+            .add_service(kserve)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), draining)
             .await
-            .map_err(|e| TailError::Transport(e.to_string()))
+            .map_err(|e| TailError::Transport(e.to_string()));
+        self.repository.close();
+        let _ = http_stop.send(());
+        if let Some(task) = http_task {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server failed"),
+                Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
+            }
+        }
+        served
     }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, TailError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| TailError::Startup(format!("cannot listen on {addr}: {e}")))
+}
+
+fn address_of(listener: &TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }

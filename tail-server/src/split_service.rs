@@ -1,126 +1,138 @@
-//! `cleave.v1.Split`: negotiation, unary and streaming inference.
+//! `cleave.v1.Split`: negotiation, unary and streaming inference over the model repository.
+//!
+//! A stream belongs to one bundle (its `cleave-bundle-id` metadata). Up to `stream_window`
+//! of its frames are in flight at once — decoded and queued in the batcher together, so one
+//! head's frames can share a batch — and their results are sent back in frame order. A
+//! client that stops reading results stops having its frames read: its window is all it can
+//! hold of the server.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cleave_codec::{BundleId, FrameDecoder, FrameError, Limits};
-use cleave_engine::{Bundle, Tensor, top_k};
+use cleave_codec::{BundleId, peek_bundle_tag};
 use cleave_proto::BUNDLE_ID_METADATA;
 use cleave_proto::v1::split_server::Split;
 use cleave_proto::v1::{
-    ClassScore, Classification, FeatureFrame, FrameResult, NegotiateRequest, NegotiateResponse,
-    frame_result::Outcome,
+    ClassScore, Classification, DetectedBox, Detections, FeatureFrame, FrameResult,
+    NegotiateRequest, NegotiateResponse, frame_result::Outcome,
 };
+use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{TailError, TailExecutor};
+use crate::repository::{ModelRepository, Prediction, ServedModel};
+use crate::{TailError, deadline};
 
-/// Classes returned per frame.
-const TOP_K: usize = 5;
-
-/// The `Split` service over one bundle's tail model.
+/// The `Split` service over a model repository.
 #[derive(Debug, Clone)]
 pub struct SplitService {
-    inner: Arc<Inner>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    bundle: Arc<Bundle>,
-    executor: TailExecutor,
-    decoder: FrameDecoder,
+    repository: Arc<ModelRepository>,
     max_frame_bytes: usize,
+    stream_window: usize,
 }
 
 impl SplitService {
-    /// A service for `bundle`, running frames on `executor`.
-    pub fn new(bundle: Arc<Bundle>, executor: TailExecutor, max_frame_bytes: usize) -> Self {
-        // A frame for this tail holds exactly one bottleneck: no more elements than that are
-        // ever decoded, and a frame for another bundle is refused before its payload is.
-        let limits = Limits {
-            max_frame_bytes,
-            max_elements: bundle.manifest().bottleneck.shape.iter().product(),
-        };
-        let decoder =
-            FrameDecoder::new(bundle.coding_tables().cloned(), limits).expecting(bundle.id().tag());
+    /// A service answering from `repository`, with up to `stream_window` frames of a stream
+    /// in flight.
+    pub fn new(
+        repository: Arc<ModelRepository>,
+        max_frame_bytes: usize,
+        stream_window: usize,
+    ) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                bundle,
-                executor,
-                decoder,
-                max_frame_bytes,
-            }),
+            repository,
+            max_frame_bytes,
+            stream_window: stream_window.max(1),
         }
+    }
+
+    /// The tail for a call's `cleave-bundle-id` metadata, if it has one.
+    fn tail_from_metadata(
+        &self,
+        metadata: &MetadataMap,
+    ) -> Result<Option<Arc<ServedModel>>, TailError> {
+        let Some(value) = metadata.get(BUNDLE_ID_METADATA) else {
+            return Ok(None);
+        };
+        let text = value.to_str().unwrap_or_default();
+        let id = parse_id(text, &self.repository)?;
+        Ok(Some(self.repository.tail_for(id)?.clone()))
     }
 }
 
-impl Inner {
-    fn check_bundle(&self, head: &str) -> Result<(), TailError> {
-        let tail = self.bundle.id();
-        match head.parse::<BundleId>() {
-            Ok(id) if id == tail => Ok(()),
-            _ => Err(TailError::BundleMismatch {
-                head: head.to_string(),
-                tail,
-            }),
-        }
-    }
+fn parse_id(text: &str, repository: &ModelRepository) -> Result<BundleId, TailError> {
+    text.parse::<BundleId>()
+        .map_err(|_| TailError::UnknownBundle {
+            requested: format!("{text:?} (not a bundle id)"),
+            served: repository.served_bundles(),
+        })
+}
 
-    /// Decodes, checks and runs one frame; always answers with a result or a frame error.
-    #[tracing::instrument(name = "frame", skip_all, fields(frame_id = frame.frame_id))]
-    async fn process(&self, frame: FeatureFrame) -> FrameResult {
-        let started = Instant::now();
-        let received_bytes = frame.frame.len() as u64;
-        let outcome = match self.classify(&frame.frame).await {
-            Ok(classification) => Outcome::Classification(classification),
-            Err(error) => {
-                tracing::debug!(frame_id = frame.frame_id, %error, "frame failed");
-                Outcome::Error(error.to_frame_error())
+/// Runs one frame on `model` and always answers: a result or a per-frame error.
+#[tracing::instrument(name = "frame", skip_all, fields(frame_id = frame.frame_id, model = model.name()))]
+async fn process(model: &ServedModel, frame: FeatureFrame, call: Option<Instant>) -> FrameResult {
+    let started = Instant::now();
+    let received_bytes = frame.frame.len() as u64;
+    let deadline = deadline::for_frame(frame.deadline_ms, call, started);
+    let mut result = FrameResult {
+        frame_id: frame.frame_id,
+        received_bytes,
+        ..Default::default()
+    };
+    let outcome = match model.infer_frame(&frame.frame, deadline).await {
+        Ok(answer) => {
+            result.queue_ms = answer.queue.as_secs_f64() * 1e3;
+            result.batch_size = u32::try_from(answer.batch_size).unwrap_or(u32::MAX);
+            match model
+                .predictions(&answer.output)
+                .map(|p| p.into_iter().next())
+            {
+                Ok(Some(prediction)) => to_outcome(prediction),
+                Ok(None) => Outcome::Error(
+                    TailError::Inference("the model returned no output row".into())
+                        .to_frame_error(),
+                ),
+                Err(error) => Outcome::Error(error.to_frame_error()),
             }
-        };
-        FrameResult {
-            frame_id: frame.frame_id,
-            outcome: Some(outcome),
-            tail_ms: started.elapsed().as_secs_f64() * 1e3,
-            received_bytes,
         }
-    }
+        Err(error) => {
+            tracing::debug!(frame_id = frame.frame_id, %error, "frame failed");
+            Outcome::Error(error.to_frame_error())
+        }
+    };
+    result.outcome = Some(outcome);
+    result.tail_ms = started.elapsed().as_secs_f64() * 1e3;
+    result
+}
 
-    async fn classify(&self, bytes: &[u8]) -> Result<Classification, TailError> {
-        let tail = self.bundle.id();
-        let decoded = match self.decoder.decode(bytes) {
-            Err(FrameError::BundleMismatch { frame, .. }) => {
-                return Err(TailError::BundleMismatch {
-                    head: format!("{frame}… (frame tag)"),
-                    tail,
-                });
-            }
-            other => other?,
-        };
-        let expected = &self.bundle.manifest().bottleneck.shape;
-        if &decoded.header.shape != expected {
-            return Err(TailError::ShapeMismatch {
-                expected: expected.clone(),
-                actual: decoded.header.shape,
-            });
-        }
-        let mut shape = vec![1];
-        shape.extend_from_slice(expected);
-        let restored = decoded.dequantize().map_err(FrameError::from)?;
-        let input = Tensor::new(shape, restored);
-        let logits = self.executor.run(input).await?;
-        let labels = &self.bundle.manifest().labels.names;
-        let top = top_k(&logits.data, TOP_K)
-            .into_iter()
-            .map(|c| ClassScore {
-                index: c.index as u32,
-                label: labels.get(c.index).cloned().unwrap_or_default(),
-                score: c.score,
-            })
-            .collect();
-        Ok(Classification { top })
+fn to_outcome(prediction: Prediction) -> Outcome {
+    match prediction {
+        Prediction::Classes(classes) => Outcome::Classification(Classification {
+            top: classes
+                .into_iter()
+                .map(|(c, label)| ClassScore {
+                    index: u32::try_from(c.index).unwrap_or(u32::MAX),
+                    label,
+                    score: c.score,
+                })
+                .collect(),
+        }),
+        Prediction::Boxes(boxes) => Outcome::Detections(Detections {
+            boxes: boxes
+                .into_iter()
+                .map(|(d, label)| DetectedBox {
+                    x0: d.x0,
+                    y0: d.y0,
+                    x1: d.x1,
+                    y1: d.y1,
+                    score: d.score,
+                    class_index: u32::try_from(d.label).unwrap_or(u32::MAX),
+                    label,
+                })
+                .collect(),
+        }),
     }
 }
 
@@ -133,20 +145,36 @@ impl Split for SplitService {
         request: Request<NegotiateRequest>,
     ) -> Result<Response<NegotiateResponse>, Status> {
         let request = request.into_inner();
-        self.inner.check_bundle(&request.bundle_id)?;
-        tracing::info!(client = %request.client, "head negotiated");
-        let manifest = self.inner.bundle.manifest();
+        let id = parse_id(&request.bundle_id, &self.repository)?;
+        let model = self.repository.tail_for(id)?;
+        tracing::info!(client = %request.client, model = model.name(), "head negotiated");
+        let manifest = model.bundle().manifest();
         Ok(Response::new(NegotiateResponse {
-            bundle_id: self.inner.bundle.id().to_string(),
+            bundle_id: model.bundle().id().to_string(),
             bundle_name: format!("{} {}", manifest.name, manifest.version),
-            max_frame_bytes: self.inner.max_frame_bytes as u64,
+            max_frame_bytes: self.max_frame_bytes as u64,
         }))
     }
 
     async fn infer(&self, request: Request<FeatureFrame>) -> Result<Response<FrameResult>, Status> {
-        Ok(Response::new(
-            self.inner.process(request.into_inner()).await,
-        ))
+        let call = deadline::from_metadata(request.metadata(), Instant::now());
+        let model = match self.tail_from_metadata(request.metadata())? {
+            Some(model) => Ok(model),
+            None => peek_bundle_tag(&request.get_ref().frame)
+                .map_err(TailError::from)
+                .and_then(|tag| self.repository.tail_for_tag(tag).cloned()),
+        };
+        let frame = request.into_inner();
+        Ok(Response::new(match model {
+            Ok(model) => process(&model, frame, call).await,
+            // A frame nobody here can decode is that frame's error, as on a stream.
+            Err(error) => FrameResult {
+                frame_id: frame.frame_id,
+                outcome: Some(Outcome::Error(error.to_frame_error())),
+                received_bytes: frame.frame.len() as u64,
+                ..Default::default()
+            },
+        }))
     }
 
     type StreamStream = ResultStream;
@@ -155,41 +183,56 @@ impl Split for SplitService {
         &self,
         request: Request<Streaming<FeatureFrame>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let head = request
-            .metadata()
-            .get(BUNDLE_ID_METADATA)
-            .and_then(|v| v.to_str().ok())
+        let model = self
+            .tail_from_metadata(request.metadata())?
             .ok_or_else(|| {
                 Status::invalid_argument(format!("missing `{BUNDLE_ID_METADATA}` metadata"))
-            })?
-            .to_string();
-        self.inner.check_bundle(&head)?;
-        let inner = self.inner.clone();
-        let mut frames = request.into_inner();
-        // Frames are processed one after another, so results keep the order of the frames.
-        let results = async_stream(move |tx| async move {
-            while let Some(next) = frames.next().await {
-                let item = match next {
-                    Ok(frame) => Ok(inner.process(frame).await),
-                    Err(status) => Err(status),
-                };
-                let stop = item.is_err();
-                if tx.send(item).await.is_err() || stop {
-                    break;
-                }
-            }
-        });
-        Ok(Response::new(results))
+            })?;
+        let frames = request.into_inner();
+        Ok(Response::new(ordered_results(
+            model,
+            frames,
+            self.stream_window,
+        )))
     }
 }
 
-/// A stream fed by a task through a small channel.
-fn async_stream<F, Fut>(body: F) -> ResultStream
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<FrameResult, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(body(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+/// Reads frames, runs up to `window` at once, and yields their results in frame order.
+fn ordered_results(
+    model: Arc<ServedModel>,
+    mut frames: Streaming<FeatureFrame>,
+    window: usize,
+) -> ResultStream {
+    type InFlight = Result<tokio::task::JoinHandle<FrameResult>, Status>;
+    // The bounded channel of in-flight frames is the window: the reader waits when it is
+    // full, so a client that does not read its results is not read from either.
+    let (in_flight, mut oldest_first) = mpsc::channel::<InFlight>(window);
+    let (results, out) = mpsc::channel(window);
+    tokio::spawn(async move {
+        while let Some(next) = frames.next().await {
+            let item = next.map(|frame| {
+                let model = model.clone();
+                tokio::spawn(async move { process(&model, frame, None).await })
+            });
+            let failed = item.is_err();
+            if in_flight.send(item).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(item) = oldest_first.recv().await {
+            let result = match item {
+                Ok(task) => task
+                    .await
+                    .map_err(|e| Status::internal(format!("frame task failed: {e}"))),
+                Err(status) => Err(status),
+            };
+            let failed = result.is_err();
+            if results.send(result).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
 }

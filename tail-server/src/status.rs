@@ -6,6 +6,8 @@ use cleave_proto::BUNDLE_ID_METADATA;
 use cleave_proto::v1::FrameError as WireFrameError;
 use cleave_proto::v1::frame_error::Kind;
 
+use crate::BatchError;
+
 /// What can go wrong in the tail, at start or per frame.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -38,9 +40,50 @@ pub enum TailError {
         /// The frame's shape.
         actual: Vec<usize>,
     },
-    /// The model failed on a frame, or the executor is gone.
+    /// The model failed on a frame.
     #[error("inference: {0}")]
     Inference(String),
+    /// A head's bundle is not among those served.
+    #[error("bundle {requested} is not served here; this tail serves: {}", served.join(", "))]
+    UnknownBundle {
+        /// The id (or frame tag) asked for.
+        requested: String,
+        /// `name version (id)` of each served bundle.
+        served: Vec<String>,
+    },
+    /// A KServe model name is not among those served.
+    #[error("model {requested:?} is not served here; models: {}", served.join(", "))]
+    UnknownModel {
+        /// The name asked for.
+        requested: String,
+        /// The names served.
+        served: Vec<String>,
+    },
+    /// A request the model cannot take (shape, type, batch too large).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The model's queue is full.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The request's deadline passed before compute.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The server is shutting down.
+    #[error("{0}")]
+    ShuttingDown(String),
+}
+
+impl From<BatchError> for TailError {
+    fn from(error: BatchError) -> Self {
+        let message = error.to_string();
+        match error {
+            BatchError::QueueFull { .. } => TailError::Overloaded(message),
+            BatchError::DeadlineExceeded { .. } => TailError::DeadlineExceeded(message),
+            BatchError::BadRequest(_) => TailError::BadRequest(message),
+            BatchError::Stopped(_) => TailError::ShuttingDown(message),
+            _ => TailError::Inference(message),
+        }
+    }
 }
 
 impl TailError {
@@ -49,7 +92,11 @@ impl TailError {
         let kind = match self {
             TailError::Malformed(_) => Kind::Malformed,
             TailError::BundleMismatch { .. } => Kind::BundleMismatch,
-            TailError::ShapeMismatch { .. } => Kind::ShapeMismatch,
+            TailError::ShapeMismatch { .. } | TailError::BadRequest(_) => Kind::ShapeMismatch,
+            TailError::UnknownBundle { .. } => Kind::BundleMismatch,
+            TailError::Overloaded(_) => Kind::Overloaded,
+            TailError::DeadlineExceeded(_) => Kind::DeadlineExceeded,
+            TailError::ShuttingDown(_) => Kind::Unavailable,
             _ => Kind::Inference,
         };
         WireFrameError {
@@ -63,9 +110,15 @@ impl From<TailError> for tonic::Status {
     fn from(error: TailError) -> Self {
         let message = error.to_string();
         match error {
-            TailError::Malformed(_) | TailError::ShapeMismatch { .. } => {
-                tonic::Status::invalid_argument(message)
+            TailError::Malformed(_)
+            | TailError::ShapeMismatch { .. }
+            | TailError::BadRequest(_) => tonic::Status::invalid_argument(message),
+            TailError::UnknownBundle { .. } | TailError::UnknownModel { .. } => {
+                tonic::Status::not_found(message)
             }
+            TailError::Overloaded(_) => tonic::Status::resource_exhausted(message),
+            TailError::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(message),
+            TailError::ShuttingDown(_) => tonic::Status::unavailable(message),
             TailError::BundleMismatch { tail, .. } => {
                 // The tail's id travels as metadata too, so a head can name it exactly.
                 let mut status = tonic::Status::failed_precondition(message);

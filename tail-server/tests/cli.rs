@@ -10,10 +10,22 @@ fn help_documents_every_option() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for option in [
+        "--config",
         "--bundle",
+        "--repository",
         "--listen",
+        "--http-listen",
         "--backend",
+        "--instances",
+        "--max-batch-size",
+        "--max-queue-delay-us",
+        "--preferred-batch-sizes",
+        "--max-queue-size",
+        "--timeout-ms",
+        "--full-model",
         "--max-frame-bytes",
+        "--max-concurrent-streams",
+        "--stream-window",
         "--grace-seconds",
     ] {
         assert!(help.contains(option), "--help lacks {option}:\n{help}");
@@ -46,4 +58,46 @@ fn an_unknown_backend_is_refused_with_the_choices() {
         stderr.contains("tract") && stderr.contains("ort-cuda"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_bad_config_exits_64_naming_what_is_wrong() {
+    let dir = std::env::temp_dir().join(format!("cleave-tail-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tail.toml");
+    std::fs::write(&file, "[model_defaults.batching]\nmax_batch = 8\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", file.to_str().unwrap(), "--bundle", "."])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("max_batch") && stderr.contains("tail.toml"),
+        "{stderr}"
+    );
+
+    let out = Command::new(BIN)
+        .args([
+            "--bundle",
+            ".",
+            "--max-batch-size",
+            "4",
+            "--preferred-batch-sizes",
+            "2,8",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("preferred batch size 8"), "{stderr}");
+
+    let out = Command::new(BIN)
+        .args(["--repository", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("holds no bundle"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -70,8 +70,10 @@ pub fn binary(name: &str) -> PathBuf {
 #[derive(Debug)]
 pub struct TailProcess {
     child: Child,
-    /// The address it listens on.
+    /// The gRPC address it listens on.
     pub addr: SocketAddr,
+    /// The HTTP address, when started with `--http-listen`.
+    pub http: Option<SocketAddr>,
 }
 
 impl TailProcess {
@@ -81,6 +83,16 @@ impl TailProcess {
     ///
     /// If the process does not start or does not print its address.
     pub fn start(bundle: &Path) -> Self {
+        Self::start_with(bundle, &[])
+    }
+
+    /// Like [`TailProcess::start`], with more flags; reads the HTTP address too when
+    /// `extra` has `--http-listen`.
+    ///
+    /// # Panics
+    ///
+    /// If the process does not start or does not print its addresses.
+    pub fn start_with(bundle: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(binary("cleave-tail"))
             .args([
                 "--bundle",
@@ -88,21 +100,28 @@ impl TailProcess {
                 "--listen",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("cleave-tail starts");
         let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("cleave-tail prints its address");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from cleave-tail: {line:?}"));
-        Self { child, addr }
+        let mut reader = BufReader::new(stdout);
+        let mut address = |prefix: &str| -> SocketAddr {
+            let mut line = String::new();
+            reader
+                .read_line(&mut line)
+                .expect("cleave-tail prints its address");
+            line.trim()
+                .strip_prefix(prefix)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("expected {prefix:?} from cleave-tail, got {line:?}"))
+        };
+        let addr = address("listening on ");
+        let http = extra
+            .contains(&"--http-listen")
+            .then(|| address("http on "));
+        Self { child, addr, http }
     }
 
     /// The tail's URL.
@@ -110,8 +129,8 @@ impl TailProcess {
         format!("http://{}", self.addr)
     }
 
-    /// Sends SIGTERM-like termination and waits (kill on non-unix).
-    pub fn stop(mut self) -> std::process::ExitStatus {
+    /// Sends SIGTERM (kill on non-unix) without waiting.
+    pub fn signal_term(&mut self) {
         #[cfg(unix)]
         {
             let _ = Command::new("kill")
@@ -122,7 +141,21 @@ impl TailProcess {
         {
             let _ = self.child.kill();
         }
+    }
+
+    /// Waits for the process to exit.
+    ///
+    /// # Panics
+    ///
+    /// If waiting fails.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
         self.child.wait().expect("cleave-tail exits")
+    }
+
+    /// Sends SIGTERM and waits.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.signal_term();
+        self.wait()
     }
 }
 

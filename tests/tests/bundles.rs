@@ -131,6 +131,7 @@ async fn head_and_tail_with_different_bundles_refuse_each_other() {
         .infer(cleave_proto::v1::FeatureFrame {
             frame_id: 1,
             frame: frame.bytes,
+            deadline_ms: 0,
         })
         .await
         .unwrap()

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use cleave_engine::{Backend, Bundle, Preprocessor, Role, Tensor, top_k};
-use cleave_head::{HeadEncoder, Uplink};
+use cleave_head::{HeadEncoder, Outcome, Uplink};
 use cleave_tests::{CountingRelay, TailProcess, binary, default_bundle, json_lines, sample_files};
 
 /// Top-1 classes of the full model on the samples, with their probabilities.
@@ -177,22 +177,19 @@ async fn a_corrupt_frame_on_a_live_stream_gets_its_own_error_and_the_stream_live
         vec![10, 11, 12, 13, 14],
         "one answer per frame, in order"
     );
-    assert!(answers[0].outcome.is_ok());
-    for bad in &answers[1..4] {
-        let (kind, message) = bad.outcome.as_ref().unwrap_err();
+    let failure = |i: usize| match &answers[i].outcome {
+        Outcome::Failed { error } => (error.kind.clone(), error.message.clone()),
+        other => panic!("frame {i} should have failed: {other:?}"),
+    };
+    assert!(matches!(answers[0].outcome, Outcome::Classified { .. }));
+    for i in 1..4 {
+        let (kind, message) = failure(i);
         assert_eq!(kind, "malformed", "{message}");
     }
+    assert!(failure(1).1.contains("checksum"));
+    assert!(failure(2).1.contains("magic"));
     assert!(
-        answers[1]
-            .outcome
-            .as_ref()
-            .unwrap_err()
-            .1
-            .contains("checksum")
-    );
-    assert!(answers[2].outcome.as_ref().unwrap_err().1.contains("magic"));
-    assert!(
-        answers[4].outcome.is_ok(),
+        matches!(answers[4].outcome, Outcome::Classified { .. }),
         "the stream carried on after bad frames"
     );
 }

@@ -1,0 +1,71 @@
+//! The HTTP side port: `/healthz`, `/readyz` and Prometheus `/metrics`.
+//!
+//! Load balancers and Kubernetes probe over HTTP; Prometheus scrapes over HTTP. Liveness
+//! says the process answers; readiness says every model is loaded and warmed up and the
+//! server is not draining, so a balancer stops sending new work the moment SIGTERM arrives.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use crate::telemetry;
+
+/// Whether the server takes new work: set once models are ready, cleared on shutdown.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    /// Marks the server ready or not.
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+
+    /// Whether it is ready.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn router(readiness: Readiness) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(readiness)
+}
+
+async fn ready(State(readiness): State<Readiness>) -> impl IntoResponse {
+    if readiness.get() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        telemetry::render(),
+    )
+}
+
+/// Serves the probes and metrics on `listener` until `shutdown` completes.
+///
+/// # Errors
+///
+/// The I/O error that stopped the server.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    readiness: Readiness,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(readiness))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,689 @@
+//! The tail as an operator runs it: a repository of bundles, KServe v2 beside `cleave.v1`,
+//! HTTP probes and Prometheus metrics, limits that keep one bad client from hurting the
+//! others, and a SIGTERM that drains. Real models, real sockets.
+
+// The helpers below are test code too: a failure should stop the test where it happens.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cleave_engine::{Backend, Bundle, Role, top_k};
+use cleave_head::HeadEncoder;
+use cleave_proto::BUNDLE_ID_METADATA;
+use cleave_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use cleave_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use cleave_proto::inference::{
+    ModelInferRequest, ModelMetadataRequest, ModelReadyRequest, ServerLiveRequest,
+    ServerReadyRequest,
+};
+use cleave_proto::v1::split_client::SplitClient;
+use cleave_proto::v1::{FeatureFrame, FrameResult, NegotiateRequest, frame_error, frame_result};
+use cleave_tail::{TailConfig, TailServer};
+use cleave_tests::{TailProcess, bundle_variant, default_bundle, sample_files};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+const MODEL: &str = "efficientnet-lite0-split";
+
+/// An in-process tail, stopped on drop.
+struct Tail {
+    grpc: SocketAddr,
+    http: Option<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn start(config: TailConfig) -> Tail {
+    let server = TailServer::build(&config).await.unwrap();
+    let grpc = server.local_addr();
+    let http = server.http_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(server.serve(async {
+        let _ = stopped.await;
+    }));
+    Tail {
+        grpc,
+        http,
+        stop: Some(stop),
+    }
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn frames(bundle: &Path, count: usize) -> Vec<Vec<u8>> {
+    let encoder =
+        HeadEncoder::new(Arc::new(Bundle::open(bundle).unwrap()), &Backend::Tract).unwrap();
+    sample_files()
+        .iter()
+        .cycle()
+        .take(count)
+        .map(|f| encoder.encode_path(f).unwrap().bytes)
+        .collect()
+}
+
+fn top1(result: &FrameResult) -> u32 {
+    match &result.outcome {
+        Some(frame_result::Outcome::Classification(c)) => c.top[0].index,
+        other => panic!("frame {} not classified: {other:?}", result.frame_id),
+    }
+}
+
+/// A plain HTTP/1.1 GET: (status, body).
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
+
+/// Sends `frames` on one stream with the bundle's id and collects every result.
+async fn stream_all(addr: SocketAddr, bundle_id: &str, frames: &[Vec<u8>]) -> Vec<FrameResult> {
+    let mut client = SplitClient::new(channel(addr).await);
+    let messages: Vec<FeatureFrame> = frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| FeatureFrame {
+            frame_id: i as u64,
+            frame: f.clone(),
+            deadline_ms: 0,
+        })
+        .collect();
+    let mut request = tonic::Request::new(tokio_stream::iter(messages));
+    request
+        .metadata_mut()
+        .insert(BUNDLE_ID_METADATA, bundle_id.parse().unwrap());
+    let mut results = client.stream(request).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while let Some(result) = results.message().await.unwrap() {
+        out.push(result);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tail_serves_several_bundles_and_names_them_when_asked_for_another() {
+    let other = bundle_variant(&default_bundle(), "second", |m| {
+        m.replace(&format!("name = \"{MODEL}\""), "name = \"second-split\"")
+    });
+    let mut config = TailConfig::new(default_bundle());
+    config.bundles.push(other.path().to_path_buf());
+    let tail = start(config).await;
+    let ours = Bundle::open(default_bundle()).unwrap();
+    let theirs = Bundle::open(other.path()).unwrap();
+
+    // Each head's bundle id picks its own tail, on the same port.
+    let frames_ours = frames(&default_bundle(), 3);
+    let frames_theirs = frames(other.path(), 3);
+    let a = stream_all(tail.grpc, &ours.id().to_string(), &frames_ours).await;
+    let b = stream_all(tail.grpc, &theirs.id().to_string(), &frames_theirs).await;
+    assert_eq!(a.len(), 3);
+    assert_eq!(b.len(), 3);
+    // Same weights under two names: the same answers.
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(top1(x), top1(y));
+    }
+
+    // An unknown id: NOT_FOUND, listing what is served.
+    let stranger = bundle_variant(&default_bundle(), "stranger", |m| {
+        m.replace("version = \"", "version = \"stranger-")
+    });
+    let stranger_id = Bundle::open(stranger.path()).unwrap().id().to_string();
+    let mut client = SplitClient::new(channel(tail.grpc).await);
+    let status = client
+        .negotiate(NegotiateRequest {
+            bundle_id: stranger_id.clone(),
+            client: "test".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    let message = status.message();
+    for expected in [
+        &stranger_id,
+        &ours.id().to_string(),
+        &theirs.id().to_string(),
+    ] {
+        assert!(message.contains(expected.as_str()), "{message}");
+    }
+    assert!(
+        message.contains(MODEL) && message.contains("second-split"),
+        "{message}"
+    );
+}
+
+fn frame_request(model: &str, frame: &[u8]) -> ModelInferRequest {
+    let mut raw = (frame.len() as u32).to_le_bytes().to_vec();
+    raw.extend_from_slice(frame);
+    ModelInferRequest {
+        model_name: model.into(),
+        id: "req-1".into(),
+        inputs: vec![InferInputTensor {
+            name: "frame".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            ..Default::default()
+        }],
+        outputs: vec![InferRequestedOutputTensor {
+            name: "logits".into(),
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw],
+        ..Default::default()
+    }
+}
+
+fn logits_of(response: &cleave_proto::inference::ModelInferResponse) -> Vec<f32> {
+    response.raw_output_contents[0]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserve_v2_serves_frames_tensors_and_the_full_model() {
+    let mut config = TailConfig::new(default_bundle());
+    config.model_defaults.full_model = true;
+    let tail = start(config).await;
+    let bundle = Arc::new(Bundle::open(default_bundle()).unwrap());
+    let mut client = GrpcInferenceServiceClient::new(channel(tail.grpc).await)
+        .max_decoding_message_size(64 << 20);
+
+    assert!(
+        client
+            .server_live(ServerLiveRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .live
+    );
+    assert!(
+        client
+            .server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    let ready = |name: &str| ModelReadyRequest {
+        name: name.into(),
+        version: String::new(),
+    };
+    assert!(
+        client
+            .model_ready(ready(MODEL))
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    assert!(
+        !client
+            .model_ready(ready("nope"))
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+
+    let metadata = client
+        .model_metadata(ModelMetadataRequest {
+            name: MODEL.into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let inputs: Vec<(&str, &str, &[i64])> = metadata
+        .inputs
+        .iter()
+        .map(|t| (t.name.as_str(), t.datatype.as_str(), t.shape.as_slice()))
+        .collect();
+    assert_eq!(
+        inputs,
+        [
+            ("frame", "BYTES", &[-1][..]),
+            ("bottleneck", "FP32", &[-1, 12, 28, 28][..])
+        ]
+    );
+    assert_eq!(metadata.outputs[0].shape, [-1, 1000]);
+
+    // A coded frame as BYTES: the same answer the split protocol gives.
+    let frame = frames(&default_bundle(), 1).remove(0);
+    let response = client
+        .model_infer(frame_request(MODEL, &frame))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.id, "req-1");
+    assert_eq!(response.model_version, "1");
+    assert_eq!(response.outputs[0].shape, [1, 1000]);
+    let via_kserve = logits_of(&response);
+    let split = stream_all(
+        tail.grpc,
+        &bundle.id().to_string(),
+        std::slice::from_ref(&frame),
+    )
+    .await;
+    assert_eq!(top_k(&via_kserve, 1)[0].index as u32, top1(&split[0]));
+
+    // The dequantized tensor as FP32, two samples: the head's own float output goes in.
+    let encoder = HeadEncoder::new(bundle.clone(), &Backend::Tract).unwrap();
+    let pre = encoder.preprocessor();
+    let head = bundle.load(Role::Head, &Backend::Tract).unwrap();
+    let full = bundle.load(Role::Full, &Backend::Tract).unwrap();
+    let images: Vec<_> = sample_files()[..2]
+        .iter()
+        .map(|f| pre.from_path(f).unwrap())
+        .collect();
+    let image_batch = cleave_engine::Tensor::stack(&images.iter().collect::<Vec<_>>());
+    let features = head.run(&image_batch).unwrap();
+    let tensor_request = |model: &str, name: &str, t: &cleave_engine::Tensor| ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![InferInputTensor {
+            name: name.into(),
+            datatype: "FP32".into(),
+            shape: t.shape.iter().map(|&d| d as i64).collect(),
+            ..Default::default()
+        }],
+        raw_input_contents: vec![t.data.iter().flat_map(|v| v.to_le_bytes()).collect()],
+        ..Default::default()
+    };
+    let response = client
+        .model_infer(tensor_request(MODEL, "bottleneck", &features))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.outputs[0].shape, [2, 1000]);
+    let direct = bundle
+        .load(Role::Tail, &Backend::Tract)
+        .unwrap()
+        .run(&features)
+        .unwrap();
+    let served = logits_of(&response);
+    let worst = served
+        .iter()
+        .zip(&direct.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-3,
+        "served logits differ from the model's by {worst}"
+    );
+
+    // The full model, image tensors in.
+    let response = client
+        .model_infer(tensor_request(
+            &format!("{MODEL}-full"),
+            "image",
+            &image_batch,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let reference = full.run(&image_batch).unwrap();
+    let served = logits_of(&response);
+    for i in 0..2 {
+        let row = |d: &[f32]| top_k(&d[i * 1000..(i + 1) * 1000], 1)[0].index;
+        assert_eq!(row(&served), row(&reference.data));
+    }
+
+    // Errors a client can act on.
+    let status = client
+        .model_infer(frame_request("nope", &frame))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert!(status.message().contains(MODEL), "{}", status.message());
+    let mut wrong = features.clone();
+    wrong.shape = vec![2, 12, 28 * 28];
+    let status = client
+        .model_infer(tensor_request(MODEL, "bottleneck", &wrong))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let status = client
+        .model_infer(frame_request(MODEL, b"not a frame at all"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("magic"), "{}", status.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_probes_and_prometheus_metrics_count_what_happened() {
+    let mut config = TailConfig::new(default_bundle());
+    config.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let tail = start(config).await;
+    let http = tail.http.unwrap();
+    assert_eq!(http_get(http, "/healthz").await.0, 200);
+    assert_eq!(http_get(http, "/readyz").await.0, 200);
+
+    let bundle = Bundle::open(default_bundle()).unwrap();
+    let mut sent = frames(&default_bundle(), 4);
+    sent.push(b"garbage".to_vec());
+    let results = stream_all(tail.grpc, &bundle.id().to_string(), &sent).await;
+    assert_eq!(results.len(), 5);
+
+    let (status, text) = http_get(http, "/metrics").await;
+    assert_eq!(status, 200);
+    let value = |name: &str, labels: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(labels))
+            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}{{{labels}}} in:\n{text}"))
+    };
+    let model = format!("model=\"{MODEL}\"");
+    // Other tests in this process serve the same model, so counts are at least ours.
+    assert!(value("cleave_inference_request_success_total", &model) >= 4.0);
+    assert!(
+        value(
+            "cleave_inference_request_failure_total",
+            "reason=\"bad_input\""
+        ) >= 1.0
+    );
+    assert!(value("cleave_inference_count_total", &model) >= 4.0);
+    assert!(value("cleave_inference_exec_count_total", &model) >= 1.0);
+    assert!(value("cleave_inference_batch_size_count", &model) >= 1.0);
+    assert!(value("cleave_inference_queue_duration_seconds_bucket", &model) >= 0.0);
+    assert!(value("cleave_inference_compute_duration_seconds_sum", &model) > 0.0);
+    let sent_bytes: usize = sent.iter().map(Vec::len).sum();
+    assert!(value("cleave_received_bytes_total", &model) >= sent_bytes as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_and_a_garbage_client_do_not_starve_a_good_one() {
+    let mut config = TailConfig::new(default_bundle());
+    config.stream_window = 4;
+    config.model_defaults.batching.max_queue_size = 16;
+    let tail = start(config).await;
+    let bundle = Bundle::open(default_bundle()).unwrap();
+    let id = bundle.id().to_string();
+    let good_frames = frames(&default_bundle(), 6);
+
+    // Garbage on the gRPC port: not HTTP/2 at all.
+    let mut garbage = tokio::net::TcpStream::connect(tail.grpc).await.unwrap();
+    garbage.write_all(&[0xAB; 4096]).await.unwrap();
+
+    // A client that sends 200 frames and never reads an answer.
+    let mut stalled = SplitClient::new(channel(tail.grpc).await);
+    let flood: Vec<FeatureFrame> = (0..200)
+        .map(|i| FeatureFrame {
+            frame_id: i,
+            frame: good_frames[0].clone(),
+            deadline_ms: 0,
+        })
+        .collect();
+    let mut request = tonic::Request::new(tokio_stream::iter(flood));
+    request
+        .metadata_mut()
+        .insert(BUNDLE_ID_METADATA, id.parse().unwrap());
+    let _never_read = stalled.stream(request).await.unwrap();
+
+    // A client that opens a stream and sends nothing.
+    let mut idle = SplitClient::new(channel(tail.grpc).await);
+    let mut request = tonic::Request::new(tokio_stream::pending::<FeatureFrame>());
+    request
+        .metadata_mut()
+        .insert(BUNDLE_ID_METADATA, id.parse().unwrap());
+    let _idle = idle.stream(request).await.unwrap();
+
+    // The good client is answered in full: the stalled one holds only its window of the
+    // queue, so nothing is refused for lack of room.
+    let results = stream_all(tail.grpc, &id, &good_frames).await;
+    assert_eq!(results.len(), good_frames.len());
+    for result in &results {
+        top1(result);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_late_frames_get_their_own_errors() {
+    let mut config = TailConfig::new(default_bundle());
+    config.max_frame_bytes = 64 * 1024;
+    // A long queue delay: a lone frame waits, so a short deadline passes first.
+    config.model_defaults.batching.max_queue_delay = Duration::from_millis(500);
+    let tail = start(config).await;
+    let bundle = Bundle::open(default_bundle()).unwrap();
+    let frame = frames(&default_bundle(), 1).remove(0);
+    let mut client = SplitClient::new(channel(tail.grpc).await);
+    let infer = |frame: Vec<u8>, deadline_ms| FeatureFrame {
+        frame_id: 7,
+        frame,
+        deadline_ms,
+    };
+
+    let late = client
+        .infer(infer(frame.clone(), 50))
+        .await
+        .unwrap()
+        .into_inner();
+    match late.outcome {
+        Some(frame_result::Outcome::Error(e)) => {
+            assert_eq!(
+                e.kind,
+                frame_error::Kind::DeadlineExceeded as i32,
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("expected a deadline error, got {other:?}"),
+    }
+    let on_time = client
+        .infer(infer(frame.clone(), 5000))
+        .await
+        .unwrap()
+        .into_inner();
+    top1(&on_time);
+
+    // Above the frame limit but within the message limit: the frame's own error.
+    let mut big = frame.clone();
+    big.resize(70 * 1024, 0);
+    let mut request = tonic::Request::new(infer(big, 0));
+    request
+        .metadata_mut()
+        .insert(BUNDLE_ID_METADATA, bundle.id().to_string().parse().unwrap());
+    let result = client.infer(request).await.unwrap().into_inner();
+    match result.outcome {
+        Some(frame_result::Outcome::Error(e)) => {
+            assert_eq!(e.kind, frame_error::Kind::Malformed as i32);
+            assert!(e.message.contains("exceeds the limit"), "{}", e.message);
+        }
+        other => panic!("expected a size error, got {other:?}"),
+    }
+    // Above the message limit: the call is refused before the frame is read.
+    let mut huge = frame;
+    huge.resize(4 << 20, 0);
+    let status = client.infer(infer(huge, 0)).await.unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_turns_unready_finishes_in_flight_frames_and_exits_in_time() {
+    let bundle = Bundle::open(default_bundle()).unwrap();
+    let mut tail = TailProcess::start_with(
+        &default_bundle(),
+        &[
+            "--http-listen",
+            "127.0.0.1:0",
+            // Frames wait up to 400 ms for company, so some are in flight at SIGTERM.
+            "--max-queue-delay-us",
+            "400000",
+            "--grace-seconds",
+            "20",
+        ],
+    );
+    let http = tail.http.expect("the tail prints its HTTP address");
+    assert_eq!(http_get(http, "/readyz").await.0, 200);
+
+    let mut client = SplitClient::new(channel(tail.addr).await);
+    let (tx, rx) = tokio::sync::mpsc::channel::<FeatureFrame>(16);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert(BUNDLE_ID_METADATA, bundle.id().to_string().parse().unwrap());
+    let mut results = client.stream(request).await.unwrap().into_inner();
+    let sent = frames(&default_bundle(), 3);
+    for (i, frame) in sent.iter().enumerate() {
+        tx.send(FeatureFrame {
+            frame_id: i as u64,
+            frame: frame.clone(),
+            deadline_ms: 0,
+        })
+        .await
+        .unwrap();
+    }
+    // Let the frames reach the queue, then ask the tail to stop.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let signalled = Instant::now();
+    tail.signal_term();
+    // Readiness drops at once, so a balancer stops sending work.
+    let mut unready = false;
+    for _ in 0..50 {
+        match http_get_maybe(http, "/readyz").await {
+            Some(503) | None => {
+                unready = true;
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    assert!(unready, "/readyz still 200 after SIGTERM");
+    drop(tx);
+    let mut answered = 0;
+    while let Some(result) = results.message().await.unwrap() {
+        top1(&result);
+        answered += 1;
+    }
+    assert_eq!(answered, sent.len(), "every in-flight frame was answered");
+    let status = tail.wait();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(20),
+        "exited within the grace period"
+    );
+    // And nothing listens any more.
+    assert!(tokio::net::TcpStream::connect(tail.addr).await.is_err());
+}
+
+async fn http_get_maybe(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// NVIDIA's own client against the server: `tests/kserve/client_check.py` run by the Python
+/// in `CLEAVE_KSERVE_PYTHON` (a venv with `tests/kserve/requirements.txt`; CI makes one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_drives_the_kserve_service() {
+    let Some(python) = std::env::var_os("CLEAVE_KSERVE_PYTHON") else {
+        assert!(
+            std::env::var_os("CLEAVE_REQUIRE_KSERVE").is_none(),
+            "CLEAVE_REQUIRE_KSERVE is set but CLEAVE_KSERVE_PYTHON is not"
+        );
+        eprintln!(
+            "skipped: set CLEAVE_KSERVE_PYTHON to a Python with tests/kserve/requirements.txt"
+        );
+        return;
+    };
+    let tail = start(TailConfig::new(default_bundle())).await;
+    let bundle = Arc::new(Bundle::open(default_bundle()).unwrap());
+    let dir = cleave_tests::TempDir::new("kserve");
+    let frame = frames(&default_bundle(), 1).remove(0);
+    let frame_path = dir.path().join("frame.bin");
+    std::fs::write(&frame_path, &frame).unwrap();
+    let split = stream_all(tail.grpc, &bundle.id().to_string(), &[frame]).await;
+    // The head's float output, sent as FP32 by tritonclient.
+    let image = HeadEncoder::new(bundle.clone(), &Backend::Tract)
+        .unwrap()
+        .preprocessor()
+        .from_path(&sample_files()[1])
+        .unwrap();
+    let features = bundle
+        .load(Role::Head, &Backend::Tract)
+        .unwrap()
+        .run(&cleave_engine::Tensor::stack(&[&image]))
+        .unwrap();
+    let logits = bundle
+        .load(Role::Tail, &Backend::Tract)
+        .unwrap()
+        .run(&features)
+        .unwrap();
+    let expected_bottleneck_top1 = top_k(&logits.data, 1)[0].index;
+    let bottleneck_path = dir.path().join("bottleneck.raw");
+    let raw: Vec<u8> = features.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(&bottleneck_path, raw).unwrap();
+
+    let script = cleave_tests::repo_root().join("tests/kserve/client_check.py");
+    let grpc = tail.grpc;
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .args(["--url", &grpc.to_string(), "--model", MODEL])
+            .arg("--frame")
+            .arg(&frame_path)
+            .arg("--bottleneck")
+            .arg(&bottleneck_path)
+            .args(["--bottleneck-shape", "1,12,28,28"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "client_check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    let top = |i: usize| report["infers"][i]["top1"][0].as_u64().unwrap() as usize;
+    assert_eq!(
+        top(0) as u32,
+        top1(&split[0]),
+        "tritonclient and cleave.v1 agree"
+    );
+    assert_eq!(
+        top(1),
+        expected_bottleneck_top1,
+        "tritonclient's FP32 tensor path"
+    );
+}

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use ort::environment::Environment;
+#[cfg(any(feature = "cuda", feature = "tensorrt"))]
 use ort::ep;
 use ort::session::Session;
 use ort::value::Tensor as OrtTensor;
@@ -85,12 +86,25 @@ impl OrtModel {
         let mut builder = Session::builder(env).map_err(|e| load_err(e.to_string()))?;
         builder = match device {
             OrtDevice::Cpu => builder,
+            #[cfg(feature = "cuda")]
             OrtDevice::Cuda => builder
                 .with_execution_providers([ep::CUDA::default().build().error_on_failure()])
                 .map_err(|e| EngineError::BackendUnavailable(format!("CUDA: {e}")))?,
+            #[cfg(feature = "tensorrt")]
             OrtDevice::TensorRt => builder
                 .with_execution_providers([ep::TensorRT::default().build().error_on_failure()])
                 .map_err(|e| EngineError::BackendUnavailable(format!("TensorRT: {e}")))?,
+            #[allow(unreachable_patterns)]
+            other => {
+                let (name, feature) = match other {
+                    OrtDevice::Cuda => ("CUDA", "cuda"),
+                    _ => ("TensorRT", "tensorrt"),
+                };
+                return Err(EngineError::BackendUnavailable(format!(
+                    "{name}: this build has no {name} execution provider \
+                     (rebuild with `--features {feature}`)"
+                )));
+            }
         };
         let session = builder
             .commit_from_file(path)

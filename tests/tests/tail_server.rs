@@ -687,3 +687,79 @@ async fn tritonclient_drives_the_kserve_service() {
         "tritonclient's FP32 tensor path"
     );
 }
+
+/// The detection bundle CI makes (`make_bundle.py ppocr-det`), named by
+/// `CLEAVE_DETECTION_BUNDLE`; `None` (with a message) when unset, unless required.
+fn detection_bundle() -> Option<std::path::PathBuf> {
+    match std::env::var_os("CLEAVE_DETECTION_BUNDLE") {
+        Some(dir) => Some(dir.into()),
+        None => {
+            assert!(
+                std::env::var_os("CLEAVE_REQUIRE_DETECTION").is_none(),
+                "CLEAVE_REQUIRE_DETECTION is set but CLEAVE_DETECTION_BUNDLE is not"
+            );
+            eprintln!(
+                "skipped: set CLEAVE_DETECTION_BUNDLE to a bundle made by \
+                 `python models/tools/make_bundle.py ppocr-det --out DIR`"
+            );
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detection_bundle_answers_with_boxes_that_match_the_full_model() {
+    use cleave_engine::DbPostprocess;
+    let Some(dir) = detection_bundle() else {
+        return;
+    };
+    let bundle = Arc::new(Bundle::open(&dir).unwrap());
+    let mut config = TailConfig::new(&dir);
+    // A 480x480 map per sample: keep the warm-up short.
+    config.model_defaults.batching.max_batch_size = 2;
+    let tail = start(config).await;
+    let image = cleave_tests::samples().join("detection/text-coffee.png");
+    let encoder = HeadEncoder::new(bundle.clone(), &Backend::Tract).unwrap();
+    let frame = encoder.encode_path(&image).unwrap().bytes;
+    let results = stream_all(tail.grpc, &bundle.id().to_string(), &[frame]).await;
+    let served = match &results[0].outcome {
+        Some(frame_result::Outcome::Detections(d)) => d.boxes.clone(),
+        other => panic!("expected boxes, got {other:?}"),
+    };
+    assert!(!served.is_empty(), "the sample has text: boxes expected");
+    assert!(served.iter().all(|b| b.label == "text" && b.score > 0.0));
+    assert!(
+        served.windows(2).all(|w| w[0].score >= w[1].score),
+        "best first"
+    );
+
+    // The full model on the same image, postprocessed by the same rules.
+    let full = bundle.load(Role::Full, &Backend::Tract).unwrap();
+    let input = encoder.preprocessor().from_path(&image).unwrap();
+    let map = full.run(&cleave_engine::Tensor::stack(&[&input])).unwrap();
+    let reference = DbPostprocess::for_bundle(&bundle)
+        .unwrap()
+        .detect_batch(&map)
+        .unwrap()
+        .remove(0);
+    let iou = |a: &cleave_proto::v1::DetectedBox, b: &cleave_engine::Detection| {
+        let w = (a.x1.min(b.x1) - a.x0.max(b.x0)).max(0.0);
+        let h = (a.y1.min(b.y1) - a.y0.max(b.y0)).max(0.0);
+        let inter = w * h;
+        let union = (a.x1 - a.x0) * (a.y1 - a.y0) + b.area() - inter;
+        inter / union
+    };
+    let matched = reference
+        .iter()
+        .filter(|r| served.iter().any(|s| iou(s, r) >= 0.5))
+        .count();
+    let precision = matched as f64 / served.len() as f64;
+    let recall = matched as f64 / reference.len() as f64;
+    let f1 = 2.0 * precision * recall / (precision + recall).max(1e-9);
+    eprintln!(
+        "detection through the tail: {} boxes, full model {}, F1 at IoU 0.5 = {f1:.3}",
+        served.len(),
+        reference.len()
+    );
+    assert!(f1 >= 0.8, "split boxes vs the full model's: F1 {f1:.3}");
+}

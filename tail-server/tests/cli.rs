@@ -101,3 +101,24 @@ fn a_bad_config_exits_64_naming_what_is_wrong() {
     assert!(stderr.contains("holds no bundle"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_example_config_in_deploy_starts_a_server() {
+    use std::io::{BufRead, BufReader};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut child = Command::new(BIN)
+        .current_dir(&root)
+        .args(["--config", "deploy/tail.toml"])
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let second = lines.next().unwrap().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(first.starts_with("listening on 127.0.0.1:"), "{first}");
+    assert!(second.starts_with("http on 127.0.0.1:"), "{second}");
+}

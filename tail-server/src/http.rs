@@ -32,6 +32,24 @@ impl Readiness {
     }
 }
 
+/// Tells long-lived streams that the server has begun to drain.
+#[derive(Debug, Clone)]
+pub struct Draining(tokio::sync::watch::Receiver<bool>);
+
+impl Draining {
+    /// A pair: the sender starts the drain (send `true`), the receiver is cloned into streams.
+    pub fn channel() -> (tokio::sync::watch::Sender<bool>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (tx, Self(rx))
+    }
+
+    /// Completes once the drain has begun (at once if it already has, or if the server is
+    /// gone).
+    pub async fn started(&mut self) {
+        let _ = self.0.wait_for(|draining| *draining).await;
+    }
+}
+
 fn router(readiness: Readiness) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

@@ -32,7 +32,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::repository::{ModelRepository, ServedModel};
-use crate::{Readiness, TailError, deadline};
+use crate::{Draining, Readiness, TailError, deadline};
 
 /// The one version every model has.
 const VERSION: &str = "1";
@@ -44,14 +44,17 @@ pub const FRAME_INPUT: &str = "frame";
 pub struct KserveService {
     repository: Arc<ModelRepository>,
     readiness: Readiness,
+    draining: Draining,
 }
 
 impl KserveService {
-    /// A service answering from `repository`; `ServerReady` follows `readiness`.
-    pub fn new(repository: Arc<ModelRepository>, readiness: Readiness) -> Self {
+    /// A service answering from `repository`; `ServerReady` follows `readiness`, and
+    /// streams end once `draining` starts.
+    pub fn new(repository: Arc<ModelRepository>, readiness: Readiness, draining: Draining) -> Self {
         Self {
             repository,
             readiness,
+            draining,
         }
     }
 
@@ -382,9 +385,23 @@ impl GrpcInferenceService for KserveService {
         let mut requests = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         // Requests on a stream are answered one after another, in order; a failed request
-        // gets its error message and the stream carries on, as Triton does.
+        // gets its error message and the stream carries on, as Triton does. Draining ends
+        // the stream UNAVAILABLE after the request being answered.
+        let mut draining = self.draining.clone();
         tokio::spawn(async move {
-            while let Some(next) = requests.next().await {
+            loop {
+                let next = tokio::select! {
+                    () = draining.started() => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(
+                                "the server is shutting down: send unanswered requests again",
+                            )))
+                            .await;
+                        break;
+                    }
+                    next = requests.next() => next,
+                };
+                let Some(next) = next else { break };
                 let reply = match next {
                     Ok(request) => Ok(match service.infer(request, None).await {
                         Ok(response) => ModelStreamInferResponse {

@@ -53,7 +53,7 @@ pub use batcher::{BatchError, BatchOutput, Batcher, BatchingConfig};
 pub use config::{
     BatchingFile, ConfigFile, ModelSettings, ModelSettingsFile, TailConfig, bundles_in,
 };
-pub use http::Readiness;
+pub use http::{Draining, Readiness};
 pub use kserve_service::KserveService;
 pub use repository::{Answer, ModelRepository, Prediction, ServedModel, TOP_K};
 pub use split_service::SplitService;
@@ -134,16 +134,19 @@ impl TailServer {
                 .await;
         }
         let message_limit = self.config.max_frame_bytes + 64 * 1024;
+        let (drain, draining) = Draining::channel();
         let split = SplitServer::new(SplitService::new(
             self.repository.clone(),
             self.config.max_frame_bytes,
             self.config.stream_window,
+            draining.clone(),
         ))
         .max_decoding_message_size(message_limit)
         .max_encoding_message_size(message_limit);
         let kserve = GrpcInferenceServiceServer::new(KserveService::new(
             self.repository.clone(),
             self.readiness.clone(),
+            draining,
         ))
         .max_decoding_message_size(message_limit)
         .max_encoding_message_size(message_limit);
@@ -165,6 +168,7 @@ impl TailServer {
         let draining = async move {
             shutdown.await;
             readiness.set(false);
+            let _ = drain.send(true);
             for name in names {
                 health
                     .set_service_status(name, ServingStatus::NotServing)

@@ -4,7 +4,8 @@
 //! of its frames are in flight at once — decoded and queued in the batcher together, so one
 //! head's frames can share a batch — and their results are sent back in frame order. A
 //! client that stops reading results stops having its frames read: its window is all it can
-//! hold of the server.
+//! hold of the server. When the server drains, a stream stops taking frames, answers the
+//! ones in flight and ends `UNAVAILABLE`, so an open stream never holds a shutdown up.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::repository::{ModelRepository, Prediction, ServedModel};
-use crate::{TailError, deadline};
+use crate::{Draining, TailError, deadline};
 
 /// The `Split` service over a model repository.
 #[derive(Debug, Clone)]
@@ -31,6 +32,7 @@ pub struct SplitService {
     repository: Arc<ModelRepository>,
     max_frame_bytes: usize,
     stream_window: usize,
+    draining: Draining,
 }
 
 impl SplitService {
@@ -40,11 +42,13 @@ impl SplitService {
         repository: Arc<ModelRepository>,
         max_frame_bytes: usize,
         stream_window: usize,
+        draining: Draining,
     ) -> Self {
         Self {
             repository,
             max_frame_bytes,
             stream_window: stream_window.max(1),
+            draining,
         }
     }
 
@@ -193,6 +197,7 @@ impl Split for SplitService {
             model,
             frames,
             self.stream_window,
+            self.draining.clone(),
         )))
     }
 }
@@ -202,6 +207,7 @@ fn ordered_results(
     model: Arc<ServedModel>,
     mut frames: Streaming<FeatureFrame>,
     window: usize,
+    mut draining: Draining,
 ) -> ResultStream {
     type InFlight = Result<tokio::task::JoinHandle<FrameResult>, Status>;
     // The bounded channel of in-flight frames is the window: the reader waits when it is
@@ -209,7 +215,22 @@ fn ordered_results(
     let (in_flight, mut oldest_first) = mpsc::channel::<InFlight>(window);
     let (results, out) = mpsc::channel(window);
     tokio::spawn(async move {
-        while let Some(next) = frames.next().await {
+        loop {
+            let next = tokio::select! {
+                // Shutting down: read no more frames; the ones in flight are still answered,
+                // then the stream ends UNAVAILABLE so the head resends the rest elsewhere.
+                () = draining.started() => {
+                    let _ = in_flight
+                        .send(Err(Status::unavailable(
+                            "the tail is shutting down: frames without an answer on this \
+                             stream were not run; send them again (to another tail)",
+                        )))
+                        .await;
+                    break;
+                }
+                next = frames.next() => next,
+            };
+            let Some(next) = next else { break };
             let item = next.map(|frame| {
                 let model = model.clone();
                 tokio::spawn(async move { process(&model, frame, None).await })

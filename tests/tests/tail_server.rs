@@ -356,6 +356,38 @@ async fn kserve_v2_serves_frames_tensors_and_the_full_model() {
         assert_eq!(row(&served), row(&reference.data));
     }
 
+    // Triton's streaming RPC: answers in order, a failed request does not end the stream.
+    let requests = vec![
+        frame_request(MODEL, &frame),
+        frame_request("nope", &frame),
+        frame_request(MODEL, &frame),
+    ];
+    let mut answers = client
+        .model_stream_infer(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut kinds = Vec::new();
+    while let Some(answer) = answers.message().await.unwrap() {
+        kinds.push(match answer.infer_response {
+            Some(response) => {
+                assert_eq!(
+                    top_k(&logits_of(&response), 1)[0].index as u32,
+                    top1(&split[0])
+                );
+                "ok".to_string()
+            }
+            None => answer.error_message,
+        });
+    }
+    assert_eq!(kinds.len(), 3, "{kinds:?}");
+    assert_eq!(kinds[0], "ok");
+    assert!(
+        kinds[1].contains("nope") && kinds[1].contains(MODEL),
+        "{kinds:?}"
+    );
+    assert_eq!(kinds[2], "ok");
+
     // Errors a client can act on.
     let status = client
         .model_infer(frame_request("nope", &frame))
@@ -567,6 +599,14 @@ async fn sigterm_turns_unready_finishes_in_flight_frames_and_exits_in_time() {
         .await
         .unwrap();
     }
+    // A head that keeps a stream open and idle must not hold the shutdown up.
+    let mut idle = SplitClient::new(channel(tail.addr).await);
+    let mut request = tonic::Request::new(tokio_stream::pending::<FeatureFrame>());
+    request
+        .metadata_mut()
+        .insert(BUNDLE_ID_METADATA, bundle.id().to_string().parse().unwrap());
+    let mut idle_results = idle.stream(request).await.unwrap().into_inner();
+
     // Let the frames reach the queue, then ask the tail to stop.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let signalled = Instant::now();
@@ -583,18 +623,31 @@ async fn sigterm_turns_unready_finishes_in_flight_frames_and_exits_in_time() {
         }
     }
     assert!(unready, "/readyz still 200 after SIGTERM");
-    drop(tx);
+    // The frames in flight are answered; then the stream ends UNAVAILABLE (the tail reads
+    // no more frames), so a head knows to send any unanswered ones elsewhere.
     let mut answered = 0;
-    while let Some(result) = results.message().await.unwrap() {
-        top1(&result);
-        answered += 1;
-    }
+    let ended = loop {
+        match results.message().await {
+            Ok(Some(result)) => {
+                top1(&result);
+                answered += 1;
+            }
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
     assert_eq!(answered, sent.len(), "every in-flight frame was answered");
+    let ended = ended.expect("the stream ends with a status");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    let idle_end = idle_results.message().await.unwrap_err();
+    assert_eq!(idle_end.code(), tonic::Code::Unavailable, "{idle_end:?}");
+    drop(tx);
     let status = tail.wait();
     assert!(status.success(), "{status:?}");
     assert!(
-        signalled.elapsed() < Duration::from_secs(20),
-        "exited within the grace period"
+        signalled.elapsed() < Duration::from_secs(10),
+        "exited well within the 20 s grace period, idle stream and all: {:?}",
+        signalled.elapsed()
     );
     // And nothing listens any more.
     assert!(tokio::net::TcpStream::connect(tail.addr).await.is_err());

@@ -206,7 +206,7 @@ async fn the_tail_reports_serving_on_grpc_health() {
         .await
         .unwrap();
     let mut health = HealthClient::new(channel);
-    for service in ["", "cleave.v1.Split"] {
+    for service in ["", "cleave.v1.Split", "inference.GRPCInferenceService"] {
         let status = health
             .check(HealthCheckRequest {
                 service: service.into(),

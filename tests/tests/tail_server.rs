@@ -816,3 +816,50 @@ async fn a_detection_bundle_answers_with_boxes_that_match_the_full_model() {
     );
     assert!(f1 >= 0.8, "split boxes vs the full model's: F1 {f1:.3}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gets_no_more_streams_than_the_limit() {
+    let mut config = TailConfig::new(default_bundle());
+    config.max_concurrent_streams = 1;
+    let tail = start(config).await;
+    let id = Bundle::open(default_bundle()).unwrap().id().to_string();
+    let frame = frames(&default_bundle(), 1).remove(0);
+    // Both clients share one connection (one channel).
+    let shared = channel(tail.grpc).await;
+    let (hold_tx, hold_rx) = tokio::sync::mpsc::channel::<FeatureFrame>(1);
+    let mut first = SplitClient::new(shared.clone());
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(hold_rx));
+    request
+        .metadata_mut()
+        .insert(BUNDLE_ID_METADATA, id.parse().unwrap());
+    let first_results = first.stream(request).await.unwrap();
+
+    let mut second = SplitClient::new(shared);
+    let message = FeatureFrame {
+        frame_id: 1,
+        frame,
+        deadline_ms: 0,
+    };
+    let mut second_request = tonic::Request::new(tokio_stream::iter(vec![message]));
+    second_request
+        .metadata_mut()
+        .insert(BUNDLE_ID_METADATA, id.parse().unwrap());
+    let second_call = tokio::spawn(async move {
+        let mut results = second.stream(second_request).await.unwrap().into_inner();
+        results.message().await.unwrap()
+    });
+    // While the first stream is open, the second waits for a slot.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !second_call.is_finished(),
+        "a second stream ran beside the first"
+    );
+    drop(hold_tx);
+    drop(first_results);
+    let answer = tokio::time::timeout(Duration::from_secs(30), second_call)
+        .await
+        .expect("the second stream ran once the first ended")
+        .unwrap()
+        .expect("an answer");
+    top1(&answer);
+}

@@ -431,6 +431,7 @@ fn drop_expired(shared: &Shared, pending: &mut VecDeque<Pending>) {
         .drain(..)
         .partition(|p| p.deadline.is_some_and(|d| d <= now));
     *pending = kept;
+    telemetry::pending(&shared.model, pending.len());
     for request in expired {
         let waited = now - request.enqueued;
         telemetry::deadline_missed(&shared.model, waited);

@@ -391,6 +391,8 @@ impl GrpcInferenceService for KserveService {
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
+                // Drain first: once it has begun, not one more request is read.
+                biased;
                     () = draining.started() => {
                         let _ = tx
                             .send(Err(Status::unavailable(

@@ -217,6 +217,8 @@ fn ordered_results(
     tokio::spawn(async move {
         loop {
             let next = tokio::select! {
+                // Drain first: once it has begun, not one more request is read.
+                biased;
                 // Shutting down: read no more frames; the ones in flight are still answered,
                 // then the stream ends UNAVAILABLE so the head resends the rest elsewhere.
                 () = draining.started() => {

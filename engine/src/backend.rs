@@ -67,6 +67,15 @@ impl FromStr for Backend {
     }
 }
 
+/// How a model is loaded, beyond the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadOptions {
+    /// Threads one run may use (ONNX Runtime's intra-op pool; `None`: its default, one per
+    /// core). A server running several instances of a model on a few cores wants 1 here, so
+    /// the instances do not fight over the cores. tract runs one thread either way.
+    pub threads: Option<usize>,
+}
+
 enum Runner {
     Tract(crate::tract_backend::TractModel),
     #[cfg(feature = "ort")]
@@ -105,6 +114,29 @@ impl Model {
         input_shape: Vec<usize>,
         output_shape: Vec<usize>,
     ) -> Result<Self, EngineError> {
+        Self::load_with(
+            backend,
+            path,
+            input_shape,
+            output_shape,
+            &LoadOptions::default(),
+        )
+    }
+
+    /// [`Model::load`] with [`LoadOptions`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Model::load`].
+    pub fn load_with(
+        backend: &Backend,
+        path: &Path,
+        input_shape: Vec<usize>,
+        output_shape: Vec<usize>,
+        options: &LoadOptions,
+    ) -> Result<Self, EngineError> {
+        #[cfg(not(feature = "ort"))]
+        let _ = options;
         let runner = match backend {
             Backend::Tract => Runner::Tract(crate::tract_backend::TractModel::load(
                 path,
@@ -117,6 +149,7 @@ impl Model {
                 *device,
                 &input_shape,
                 &output_shape,
+                options,
             )?),
             #[cfg(not(feature = "ort"))]
             Backend::Ort(_) => {

@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 
 use cleave_codec::{CodingTables, LevelRanges};
 
-use crate::backend::{Backend, Model};
+use crate::backend::{Backend, LoadOptions, Model};
 use crate::manifest::{Manifest, ModelFile, Task};
 use crate::{BundleId, EngineError};
 
@@ -170,12 +170,27 @@ impl Bundle {
     /// the model's shapes disagree with the manifest, [`EngineError::BackendUnavailable`] if
     /// the backend cannot run here.
     pub fn load(&self, role: Role, backend: &Backend) -> Result<Model, EngineError> {
+        self.load_with(role, backend, &LoadOptions::default())
+    }
+
+    /// [`Bundle::load`] with [`LoadOptions`] (threads per run).
+    ///
+    /// # Errors
+    ///
+    /// As [`Bundle::load`].
+    pub fn load_with(
+        &self,
+        role: Role,
+        backend: &Backend,
+        options: &LoadOptions,
+    ) -> Result<Model, EngineError> {
         let file = self.model_file(role);
-        Model::load(
+        Model::load_with(
             backend,
             &self.dir.join(&file.path),
             self.input_shape(role),
             self.output_shape(role),
+            options,
         )
     }
 }

@@ -21,10 +21,16 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
 pub fn top_k(logits: &[f32], k: usize) -> Vec<ClassScore> {
     let probs = softmax(logits);
     let mut order: Vec<usize> = (0..probs.len()).collect();
-    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    let better = |a: &usize, b: &usize| probs[*b].total_cmp(&probs[*a]).then(a.cmp(b));
+    // Select the k best first, then sort only those: the tail ranks 1000 classes per frame.
+    let k = k.min(order.len());
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, better);
+    }
+    order.truncate(k);
+    order.sort_by(better);
     order
         .into_iter()
-        .take(k)
         .map(|index| ClassScore {
             index,
             score: probs[index],
@@ -43,6 +49,21 @@ mod tests {
         let total: f32 = softmax(&[0.1, 3.0, -1.0, 2.0]).iter().sum();
         assert!((total - 1.0).abs() < 1e-6);
         assert!(top[0].score > top[1].score);
+    }
+
+    #[test]
+    fn top_k_equals_ranking_everything() {
+        // Ties included: the lower index wins, as in a full sort.
+        let logits: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 613) as f32 / 61.0)
+            .collect();
+        let probs = softmax(&logits);
+        let mut all: Vec<usize> = (0..logits.len()).collect();
+        all.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        for k in [0, 1, 5, 17, 1000, 2000] {
+            let top: Vec<usize> = top_k(&logits, k).iter().map(|c| c.index).collect();
+            assert_eq!(top, all[..k.min(1000)], "k = {k}");
+        }
     }
 
     #[test]

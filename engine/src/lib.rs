@@ -34,7 +34,7 @@ mod preprocess;
 mod tensor;
 mod tract_backend;
 
-pub use backend::{Backend, Model, OrtDevice};
+pub use backend::{Backend, LoadOptions, Model, OrtDevice};
 pub use bundle::{Bundle, Role};
 pub use classify::{ClassScore, softmax, top_k};
 pub use cleave_codec::BundleId;

@@ -13,7 +13,7 @@ use ort::ep;
 use ort::session::Session;
 use ort::value::Tensor as OrtTensor;
 
-use crate::{EngineError, OrtDevice, Tensor};
+use crate::{EngineError, LoadOptions, OrtDevice, Tensor};
 
 const BACKEND: &str = "ort";
 
@@ -76,6 +76,7 @@ impl OrtModel {
         device: OrtDevice,
         input_shape: &[usize],
         output_shape: &[usize],
+        options: &LoadOptions,
     ) -> Result<Self, EngineError> {
         let env = environment()?;
         let load_err = |reason: String| EngineError::Load {
@@ -84,6 +85,11 @@ impl OrtModel {
             reason,
         };
         let mut builder = Session::builder(env).map_err(|e| load_err(e.to_string()))?;
+        if let Some(threads) = options.threads {
+            builder = builder
+                .with_intra_threads(threads)
+                .map_err(|e| load_err(e.to_string()))?;
+        }
         builder = match device {
             OrtDevice::Cpu => builder,
             #[cfg(feature = "cuda")]

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use cleave_engine::{Model, Tensor};
 use tokio::sync::oneshot;
 
-use crate::telemetry;
+use crate::telemetry::ModelMetrics;
 
 /// How one model's requests are batched; the fields follow Triton's `dynamic_batching`.
 #[derive(Debug, Clone, PartialEq)]
@@ -153,6 +153,7 @@ struct Queue {
 
 struct Shared {
     model: String,
+    metrics: ModelMetrics,
     config: BatchingConfig,
     sample_shape: Vec<usize>,
     queue: Mutex<Queue>,
@@ -220,6 +221,7 @@ impl Batcher {
         }
         let shared = Arc::new(Shared {
             model: model.to_string(),
+            metrics: ModelMetrics::new(model),
             config,
             sample_shape,
             queue: Mutex::new(Queue::default()),
@@ -314,7 +316,7 @@ impl Batcher {
                 deadline,
                 reply,
             });
-            telemetry::pending(&shared.model, queue.pending.len());
+            shared.metrics.pending(queue.pending.len());
         }
         shared.arrived.notify_one();
         Ok(answer)
@@ -336,8 +338,32 @@ fn join(dims: &[usize]) -> String {
 
 /// One instance's loop: form a batch, run it, answer, until the queue is closed and empty.
 fn run_instance(shared: &Shared, model: &Model) {
+    let _guard = InstanceGuard(shared);
     while let Some(batch) = next_batch(shared) {
         run_batch(shared, model, batch);
+    }
+}
+
+/// If an instance thread dies of a panic (the model's own panics are caught in
+/// [`run_batch`]; this is for the batcher's), the queue closes and every waiting request is
+/// answered, instead of the model hanging while it keeps accepting work.
+struct InstanceGuard<'a>(&'a Shared);
+
+impl Drop for InstanceGuard<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut queue = self.0.lock();
+        queue.closed = true;
+        for request in queue.pending.drain(..) {
+            let _ = request
+                .reply
+                .send(Err(BatchError::Stopped(self.0.model.clone())));
+        }
+        drop(queue);
+        self.0.arrived.notify_all();
+        tracing::error!(model = %self.0.model, "a model thread panicked; the model stopped");
     }
 }
 
@@ -376,7 +402,7 @@ fn next_batch(shared: &Shared) -> Option<Vec<Pending>> {
         };
         if let Some(target) = target {
             let batch = take_rows(&mut queue.pending, target);
-            telemetry::pending(&shared.model, queue.pending.len());
+            shared.metrics.pending(queue.pending.len());
             drop(queue);
             // Others may be waiting behind this batch for a second instance.
             shared.arrived.notify_one();
@@ -431,10 +457,10 @@ fn drop_expired(shared: &Shared, pending: &mut VecDeque<Pending>) {
         .drain(..)
         .partition(|p| p.deadline.is_some_and(|d| d <= now));
     *pending = kept;
-    telemetry::pending(&shared.model, pending.len());
+    shared.metrics.pending(pending.len());
     for request in expired {
         let waited = now - request.enqueued;
-        telemetry::deadline_missed(&shared.model, waited);
+        shared.metrics.queued(waited);
         let _ = request.reply.send(Err(BatchError::DeadlineExceeded {
             model: shared.model.clone(),
             waited,
@@ -466,7 +492,7 @@ fn run_batch(shared: &Shared, model: &Model, mut batch: Vec<Pending>) {
             })
         });
     let compute = started.elapsed();
-    telemetry::executed(&shared.model, rows, compute);
+    shared.metrics.executed(rows, compute);
     match result {
         Ok(output) => {
             let per_row: usize = output.shape[1..].iter().product();
@@ -478,7 +504,7 @@ fn run_batch(shared: &Shared, model: &Model, mut batch: Vec<Pending>) {
                 let data = output.data[at * per_row..(at + n) * per_row].to_vec();
                 at += n;
                 let queue = started.saturating_duration_since(request.enqueued);
-                telemetry::queued(&shared.model, queue);
+                shared.metrics.queued(queue);
                 let _ = request.reply.send(Ok(BatchOutput {
                     output: Tensor::new(out_shape, data),
                     queue,

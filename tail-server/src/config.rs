@@ -13,6 +13,7 @@
 //! [model_defaults]                      # every model, unless [models.<name>] says otherwise
 //! backend = "tract"                     # tract | ort | ort-cuda | ort-tensorrt
 //! instances = 1                         # model threads (each loads its own copy)
+//! threads = 0                           # threads per run (ONNX Runtime); 0: one per core
 //! full_model = false                    # also serve the bundle's full model (KServe only)
 //! [model_defaults.batching]
 //! max_batch_size = 8
@@ -44,6 +45,8 @@ pub struct ModelSettings {
     pub backend: Backend,
     /// Model threads, each with its own copy of the model.
     pub instances: usize,
+    /// Threads one model run may use (ONNX Runtime; `None`: one per core).
+    pub threads: Option<usize>,
     /// The dynamic batcher's settings.
     pub batching: BatchingConfig,
     /// Also serve the bundle's full model (image in, logits out) over KServe.
@@ -55,6 +58,7 @@ impl Default for ModelSettings {
         Self {
             backend: Backend::Tract,
             instances: 1,
+            threads: None,
             batching: BatchingConfig::default(),
             full_model: false,
         }
@@ -171,6 +175,8 @@ pub struct ModelSettingsFile {
     pub backend: Option<String>,
     /// Model threads.
     pub instances: Option<usize>,
+    /// Threads per model run (ONNX Runtime); 0 for its default.
+    pub threads: Option<usize>,
     /// Serve the full model too.
     pub full_model: Option<bool>,
     /// Batching.
@@ -220,6 +226,9 @@ impl ModelSettingsFile {
         }
         if let Some(instances) = self.instances {
             settings.instances = instances;
+        }
+        if let Some(threads) = self.threads {
+            settings.threads = (threads > 0).then_some(threads);
         }
         if let Some(full) = self.full_model {
             settings.full_model = full;

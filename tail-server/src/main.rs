@@ -48,6 +48,10 @@ struct Args {
     /// Model threads per model, each with its own copy of the model. [default: 1]
     #[arg(long)]
     instances: Option<usize>,
+    /// Threads one model run may use (ONNX Runtime's intra-op pool; tract runs one); 0: one
+    /// per core. With several instances on few cores, 1 keeps them from fighting. [default: 0]
+    #[arg(long)]
+    threads: Option<usize>,
     /// Most samples per model run; 1 turns dynamic batching off. [default: 8]
     #[arg(long)]
     max_batch_size: Option<usize>,
@@ -121,6 +125,9 @@ fn config(args: Args) -> Result<TailConfig, String> {
     }
     if let Some(v) = args.instances {
         defaults.instances = v;
+    }
+    if let Some(v) = args.threads {
+        defaults.threads = (v > 0).then_some(v);
     }
     if args.full_model {
         defaults.full_model = true;

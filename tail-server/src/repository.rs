@@ -15,9 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cleave_codec::{BundleId, BundleTag, FrameDecoder, FrameError, Limits};
-use cleave_engine::{Bundle, ClassScore, DbPostprocess, Detection, Model, Role, Tensor, top_k};
+use cleave_engine::{
+    Bundle, ClassScore, DbPostprocess, Detection, LoadOptions, Model, Role, Tensor, top_k,
+};
 
-use crate::telemetry::{self, Failure};
+use crate::telemetry::{Failure, ModelMetrics};
 use crate::{BatchError, BatchOutput, Batcher, ModelSettings, TailConfig, TailError};
 
 /// Classes returned per classified sample.
@@ -33,6 +35,7 @@ pub struct ServedModel {
     decoder: FrameDecoder,
     settings: ModelSettings,
     detector: Option<DbPostprocess>,
+    metrics: ModelMetrics,
 }
 
 /// What a model's output means, per sample: the bundle's task decides.
@@ -155,11 +158,12 @@ impl ServedModel {
         deadline: Option<Instant>,
     ) -> Result<Answer, TailError> {
         let received = Instant::now();
-        telemetry::received(&self.name, frames.iter().map(|f| f.len()).sum());
+        self.metrics.received(frames.iter().map(|f| f.len()).sum());
         let input = match self.decode_all(frames) {
             Ok(input) => input,
             Err(error) => {
-                telemetry::answered(&self.name, Err(Failure::BadInput), received.elapsed());
+                self.metrics
+                    .answered(Err(Failure::BadInput), received.elapsed());
                 return Err(error);
             }
         };
@@ -195,7 +199,7 @@ impl ServedModel {
         deadline: Option<Instant>,
     ) -> Result<Answer, TailError> {
         let received = Instant::now();
-        telemetry::received(&self.name, input.data.len() * 4);
+        self.metrics.received(input.data.len() * 4);
         self.run(input, deadline, received).await
     }
 
@@ -214,7 +218,7 @@ impl ServedModel {
             Err(BatchError::Stopped(_)) => Err(Failure::Shutdown),
             Err(_) => Err(Failure::Model),
         };
-        telemetry::answered(&self.name, outcome, received.elapsed());
+        self.metrics.answered(outcome, received.elapsed());
         let BatchOutput {
             output,
             queue,
@@ -393,7 +397,10 @@ fn load_model(
     let started = Instant::now();
     let mut instances = Vec::with_capacity(settings.instances);
     for _ in 0..settings.instances {
-        let model = bundle.load(role, &settings.backend)?;
+        let options = LoadOptions {
+            threads: settings.threads,
+        };
+        let model = bundle.load_with(role, &settings.backend, &options)?;
         warm_up(name, &model, &settings.batching)?;
         instances.push(model);
     }
@@ -424,6 +431,7 @@ fn load_model(
         decoder,
         settings: settings.clone(),
         detector: DbPostprocess::for_bundle(bundle),
+        metrics: ModelMetrics::new(name),
     })
 }
 

@@ -89,6 +89,7 @@ async fn process(model: &ServedModel, frame: FeatureFrame, call: Option<Instant>
         Ok(answer) => {
             result.queue_ms = answer.queue.as_secs_f64() * 1e3;
             result.batch_size = u32::try_from(answer.batch_size).unwrap_or(u32::MAX);
+            result.compute_ms = answer.compute.as_secs_f64() * 1e3;
             match model
                 .predictions(&answer.output)
                 .map(|p| p.into_iter().next())

@@ -25,7 +25,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Requests answered with an output.
@@ -138,39 +138,81 @@ pub fn render() -> String {
     }
 }
 
-pub(crate) fn pending(model: &str, waiting: usize) {
-    gauge!(PENDING, "model" => model.to_string()).set(waiting as f64);
+/// One model's series, registered once: recording is then a handle update, with no label
+/// strings built or looked up per request (the hot path runs this several times a frame).
+#[derive(Clone)]
+pub(crate) struct ModelMetrics {
+    success: Counter,
+    failures: [Counter; 5],
+    inference_count: Counter,
+    exec_count: Counter,
+    request_duration: Histogram,
+    queue_duration: Histogram,
+    compute_duration: Histogram,
+    batch_size: Histogram,
+    pending: Gauge,
+    received: Counter,
 }
 
-pub(crate) fn queued(model: &str, waited: Duration) {
-    histogram!(QUEUE_DURATION, "model" => model.to_string()).record(waited.as_secs_f64());
+impl std::fmt::Debug for ModelMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ModelMetrics")
+    }
 }
 
-pub(crate) fn deadline_missed(model: &str, waited: Duration) {
-    queued(model, waited);
-}
-
-pub(crate) fn executed(model: &str, samples: usize, compute: Duration) {
-    let model = model.to_string();
-    counter!(EXEC_COUNT, "model" => model.clone()).increment(1);
-    counter!(INFERENCE_COUNT, "model" => model.clone()).increment(samples as u64);
-    histogram!(COMPUTE_DURATION, "model" => model.clone()).record(compute.as_secs_f64());
-    histogram!(BATCH_SIZE, "model" => model).record(samples as f64);
-}
-
-pub(crate) fn received(model: &str, bytes: usize) {
-    counter!(RECEIVED_BYTES, "model" => model.to_string()).increment(bytes as u64);
-}
-
-/// Counts one finished request, successful or not, and its duration.
-pub(crate) fn answered(model: &str, outcome: Result<(), Failure>, duration: Duration) {
-    let model = model.to_string();
-    match outcome {
-        Ok(()) => counter!(REQUEST_SUCCESS, "model" => model.clone()).increment(1),
-        Err(failure) => {
-            counter!(REQUEST_FAILURE, "model" => model.clone(), "reason" => failure.label())
-                .increment(1);
+impl ModelMetrics {
+    /// Registers (or finds) the series of `model` in the installed recorder; without one,
+    /// the handles record nothing.
+    pub(crate) fn new(model: &str) -> Self {
+        let label = || [("model", model.to_string())];
+        let failure = |f: Failure| counter!(REQUEST_FAILURE, "model" => model.to_string(), "reason" => f.label());
+        Self {
+            success: counter!(REQUEST_SUCCESS, &label()),
+            // In declaration order, so `failure as usize` indexes it.
+            failures: [
+                Failure::BadInput,
+                Failure::QueueFull,
+                Failure::Deadline,
+                Failure::Model,
+                Failure::Shutdown,
+            ]
+            .map(failure),
+            inference_count: counter!(INFERENCE_COUNT, &label()),
+            exec_count: counter!(EXEC_COUNT, &label()),
+            request_duration: histogram!(REQUEST_DURATION, &label()),
+            queue_duration: histogram!(QUEUE_DURATION, &label()),
+            compute_duration: histogram!(COMPUTE_DURATION, &label()),
+            batch_size: histogram!(BATCH_SIZE, &label()),
+            pending: gauge!(PENDING, &label()),
+            received: counter!(RECEIVED_BYTES, &label()),
         }
     }
-    histogram!(REQUEST_DURATION, "model" => model).record(duration.as_secs_f64());
+
+    pub(crate) fn pending(&self, waiting: usize) {
+        self.pending.set(waiting as f64);
+    }
+
+    pub(crate) fn queued(&self, waited: Duration) {
+        self.queue_duration.record(waited.as_secs_f64());
+    }
+
+    pub(crate) fn executed(&self, samples: usize, compute: Duration) {
+        self.exec_count.increment(1);
+        self.inference_count.increment(samples as u64);
+        self.compute_duration.record(compute.as_secs_f64());
+        self.batch_size.record(samples as f64);
+    }
+
+    pub(crate) fn received(&self, bytes: usize) {
+        self.received.increment(bytes as u64);
+    }
+
+    /// Counts one finished request, successful or not, and its duration.
+    pub(crate) fn answered(&self, outcome: Result<(), Failure>, duration: Duration) {
+        match outcome {
+            Ok(()) => self.success.increment(1),
+            Err(failure) => self.failures[failure as usize].increment(1),
+        }
+        self.request_duration.record(duration.as_secs_f64());
+    }
 }

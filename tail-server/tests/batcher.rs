@@ -114,7 +114,11 @@ async fn a_full_queue_refuses_late_requests_expire_and_closing_runs_the_rest() {
         let batcher = batcher.clone();
         let input = input(&bundle, 9);
         let deadline = Instant::now() + Duration::from_millis(100);
-        tokio::spawn(async move { batcher.infer(input, Some(deadline)).await })
+        let answer = tokio::spawn(async move {
+            let result = batcher.infer(input, Some(deadline)).await;
+            (result, Instant::now())
+        });
+        (answer, deadline)
     };
     while batcher.queued() < 3 {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -125,9 +129,14 @@ async fn a_full_queue_refuses_late_requests_expire_and_closing_runs_the_rest() {
         "{refused}"
     );
 
+    let (hurried, deadline) = hurried;
     match hurried.await.unwrap() {
-        Err(BatchError::DeadlineExceeded { waited, .. }) => {
-            assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        (Err(BatchError::DeadlineExceeded { waited, .. }), answered) => {
+            assert!(answered >= deadline, "answered before its deadline");
+            assert!(
+                waited > Duration::from_millis(50),
+                "{waited:?} in the queue"
+            );
         }
         other => panic!("expected the deadline to pass, got {other:?}"),
     }

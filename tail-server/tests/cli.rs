@@ -17,6 +17,7 @@ fn help_documents_every_option() {
         "--http-listen",
         "--backend",
         "--instances",
+        "--threads",
         "--max-batch-size",
         "--max-queue-delay-us",
         "--preferred-batch-sizes",

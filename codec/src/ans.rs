@@ -205,9 +205,14 @@ pub fn decode(prior: &Prior, payload: &[u8], elements: usize) -> Result<Vec<i32>
     let bypass = bypass_model();
     let mut symbols = Vec::with_capacity(elements);
     for channel in &prior.channels {
+        let lookup = channel.lookup();
         for _ in 0..group_len {
             let index = symbols.len();
-            let value = decode_one(&mut coder, &channel.model)?;
+            let value = match coder.decode_symbol(lookup) {
+                Ok(symbol) => symbol as u32,
+                Err(CoderError::Frontend(never)) => match never {},
+                Err(CoderError::Backend(never)) => match never {},
+            };
             if !channel.escape || value != channel.escape_index() {
                 symbols.push(channel.offset + value as i32);
                 continue;

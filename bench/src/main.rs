@@ -7,8 +7,13 @@
 //! `cleave-bench rate-fidelity` makes the rate–fidelity table (`docs/rate-fidelity.md`):
 //! bytes and agreement with the full model for every calibrated bit depth and codec, the
 //! learned prior, and JPEG/WebP offloading baselines.
+//!
+//! `cleave-bench tail-load` puts the tail server under load (`docs/tail-load.md`): N
+//! simulated heads sending the bundled model's real frames, frames per second and latency for
+//! several batching settings, beside the floor of the tail model run directly.
 
 mod demo;
+mod load;
 mod machine;
 mod rate_fidelity;
 
@@ -30,6 +35,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure bytes and fidelity of every coding and of JPEG/WebP offloading.
     RateFidelity(rate_fidelity::RateFidelityArgs),
+    /// Load the tail server with simulated heads: throughput and latency per batching
+    /// setting, beside the tail model run directly.
+    TailLoad(load::TailLoadArgs),
 }
 
 #[tokio::main]
@@ -45,6 +53,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(args).await,
         Command::RateFidelity(args) => rate_fidelity::run(args),
+        Command::TailLoad(args) => load::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

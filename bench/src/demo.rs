@@ -60,10 +60,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await
         .context("starting the tail")?;
     let address = format!("http://{}", tail.local_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(tail.serve(async {
-        let _ = stopped.await;
-    }));
+    let serving = tail.spawn();
     eprintln!("tail listening on {address} ({})", args.backend);
 
     let encoder = Arc::new(HeadEncoder::new(bundle.clone(), &args.backend)?);
@@ -84,8 +81,10 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Ok(())
     })
     .await?;
-    let _ = stop.send(());
-    serving.await.context("tail task")?.context("tail server")?;
+    serving
+        .shutdown(std::time::Duration::from_secs(30))
+        .await
+        .context("tail server")?;
 
     let references = {
         let bundle = bundle.clone();

@@ -29,7 +29,7 @@ use clap::Args;
 use cleave_codec::{FrameDecoder, Limits};
 use cleave_engine::{Backend, Bundle, LoadOptions, OrtDevice, Tensor};
 use cleave_head::HeadEncoder;
-use cleave_tail::{BatchingConfig, TailConfig, TailServer};
+use cleave_tail::{BatchingConfig, TailConfig, TailError, TailServer};
 
 use floor::{Floor, floor};
 use heads::{Plan, count, on_own_runtime};
@@ -440,10 +440,7 @@ async fn serve_and_load(
         .await
         .context("starting the tail")?;
     let address = format!("http://{}", tail.local_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(tail.serve(async {
-        let _ = stopped.await;
-    }));
+    let serving = tail.spawn();
     let mut measured = Vec::new();
     for &heads in &args.heads {
         let plan = Plan {
@@ -475,16 +472,16 @@ async fn serve_and_load(
         );
         measured.push((heads, stats));
     }
-    let _ = stop.send(());
     let grace = Duration::from_secs_f64(args.answer_timeout_s);
-    match tokio::time::timeout(grace, serving).await {
-        Ok(served) => served.context("tail task")?.context("tail server")?,
-        Err(_) => {
-            eprintln!("the tail did not shut down within {grace:?}; left behind");
+    match serving.shutdown(grace).await {
+        Ok(()) => {}
+        Err(TailError::ShuttingDown(why)) => {
+            eprintln!("the tail did not shut down: {why}; left behind");
             if let Some((_, last)) = measured.last_mut() {
                 count(last, format!("server not drained within {grace:?}"));
             }
         }
+        Err(other) => return Err(other).context("tail server"),
     }
     Ok(measured)
 }

@@ -207,6 +207,76 @@ impl TailServer {
     }
 }
 
+/// A [`TailServer`] serving on a background task, from [`TailServer::spawn`]. Dropping it
+/// starts the shutdown without waiting for it; [`ServingTail::shutdown`] waits.
+#[derive(Debug)]
+pub struct ServingTail {
+    addr: SocketAddr,
+    http: Option<SocketAddr>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), TailError>>>,
+}
+
+impl TailServer {
+    /// Serves on a background task of the current runtime until the returned handle shuts
+    /// it down or is dropped.
+    pub fn spawn(self) -> ServingTail {
+        let (addr, http) = (self.local_addr(), self.http_addr());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(self.serve(async {
+            let _ = stopped.await;
+        }));
+        ServingTail {
+            addr,
+            http,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+}
+
+impl ServingTail {
+    /// The gRPC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The HTTP address, if there is one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
+    }
+
+    /// Starts the shutdown ([`TailServer::serve`]'s order) and waits up to `grace` for it.
+    ///
+    /// # Errors
+    ///
+    /// The server's own error, [`TailError::ShuttingDown`] if in-flight work did not finish
+    /// within `grace`, or [`TailError::Transport`] if the server task failed.
+    pub async fn shutdown(mut self, grace: Duration) -> Result<(), TailError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let Some(task) = self.task.take() else {
+            return Ok(());
+        };
+        match tokio::time::timeout(grace, task).await {
+            Ok(Ok(served)) => served,
+            Ok(Err(join)) => Err(TailError::Transport(format!("server task failed: {join}"))),
+            Err(_) => Err(TailError::ShuttingDown(format!(
+                "in-flight calls did not finish within {grace:?}"
+            ))),
+        }
+    }
+}
+
+impl Drop for ServingTail {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, TailError> {
     TcpListener::bind(addr)
         .await

@@ -195,25 +195,12 @@ async fn main() -> ExitCode {
             "serving"
         );
     }
-    let grace = config.grace;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.serve(async {
-        let _ = stop_rx.await;
-    }));
+    let serving = server.spawn();
     shutdown_signal().await;
-    let _ = stop_tx.send(());
-    match tokio::time::timeout(grace, serving).await {
-        Ok(Ok(Ok(()))) => ExitCode::SUCCESS,
-        Ok(Ok(Err(error))) => {
+    match serving.shutdown(config.grace).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
             eprintln!("cleave-tail: {error}");
-            ExitCode::FAILURE
-        }
-        Ok(Err(join)) => {
-            eprintln!("cleave-tail: server task failed: {join}");
-            ExitCode::FAILURE
-        }
-        Err(_) => {
-            eprintln!("cleave-tail: in-flight calls did not finish within {grace:?}");
             ExitCode::FAILURE
         }
     }

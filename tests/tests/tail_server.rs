@@ -21,10 +21,9 @@ use cleave_proto::inference::{
 };
 use cleave_proto::v1::split_client::SplitClient;
 use cleave_proto::v1::{FeatureFrame, FrameResult, NegotiateRequest, frame_error, frame_result};
-use cleave_tail::{TailConfig, TailServer};
+use cleave_tail::{ServingTail, TailConfig, TailServer};
 use cleave_tests::{TailProcess, bundle_variant, default_bundle, sample_files};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
 const MODEL: &str = "efficientnet-lite0-split";
@@ -33,29 +32,15 @@ const MODEL: &str = "efficientnet-lite0-split";
 struct Tail {
     grpc: SocketAddr,
     http: Option<SocketAddr>,
-    stop: Option<oneshot::Sender<()>>,
-}
-
-impl Drop for Tail {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
+    _serving: ServingTail,
 }
 
 async fn start(config: TailConfig) -> Tail {
-    let server = TailServer::build(&config).await.unwrap();
-    let grpc = server.local_addr();
-    let http = server.http_addr();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(server.serve(async {
-        let _ = stopped.await;
-    }));
+    let serving = TailServer::build(&config).await.unwrap().spawn();
     Tail {
-        grpc,
-        http,
-        stop: Some(stop),
+        grpc: serving.local_addr(),
+        http: serving.http_addr(),
+        _serving: serving,
     }
 }
 

@@ -65,10 +65,7 @@ pub(super) async fn measure(
         .await
         .context("starting the tail")?;
     let address = format!("http://{}", tail.local_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(tail.serve(async {
-        let _ = stopped.await;
-    }));
+    let serving = tail.spawn();
     let model = {
         let bundle = bundle.clone();
         let options = args.load_options();
@@ -91,12 +88,8 @@ pub(super) async fn measure(
     let others_cores = CpuSample::now()
         .zip(before)
         .map(|(after, before)| after.others_cores_since(&before));
-    let _ = stop.send(());
     let grace = Duration::from_secs_f64(args.answer_timeout_s);
-    match tokio::time::timeout(grace, serving).await {
-        Ok(served) => served.context("tail task")?.context("tail server")?,
-        Err(_) => bail!("the tail did not shut down within {grace:?}"),
-    }
+    serving.shutdown(grace).await.context("tail server")?;
     Ok(Overhead {
         others_cores,
         ..measured?

@@ -412,13 +412,15 @@ async fn http_probes_and_prometheus_metrics_count_what_happened() {
 
     let (status, text) = http_get(http, "/metrics").await;
     assert_eq!(status, 200);
+    let model = format!("model=\"{MODEL}\"");
+    // Every series of ours carries the model label (other tests in this process serve other
+    // models, and every model registers all its series, at 0, when it loads).
     let value = |name: &str, labels: &str| -> f64 {
         text.lines()
-            .filter(|l| l.starts_with(name) && l.contains(labels))
+            .filter(|l| l.starts_with(name) && l.contains(&model) && l.contains(labels))
             .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name}{{{labels}}} in:\n{text}"))
+            .unwrap_or_else(|| panic!("no {name}{{{model},{labels}}} in:\n{text}"))
     };
-    let model = format!("model=\"{MODEL}\"");
     // Other tests in this process serve the same model, so counts are at least ours.
     assert!(value("cleave_inference_request_success_total", &model) >= 4.0);
     assert!(

@@ -28,9 +28,10 @@ use cleave_proto::inference::{
     ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
     ServerReadyResponse,
 };
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::ordered_stream::OrderedAnswers;
 use crate::repository::{ModelRepository, ServedModel};
 use crate::{Draining, Readiness, TailError, deadline};
 
@@ -44,16 +45,23 @@ pub const FRAME_INPUT: &str = "frame";
 pub struct KserveService {
     repository: Arc<ModelRepository>,
     readiness: Readiness,
+    stream_window: usize,
     draining: Draining,
 }
 
 impl KserveService {
-    /// A service answering from `repository`; `ServerReady` follows `readiness`, and
-    /// streams end once `draining` starts.
-    pub fn new(repository: Arc<ModelRepository>, readiness: Readiness, draining: Draining) -> Self {
+    /// A service answering from `repository`; `ServerReady` follows `readiness`; a stream
+    /// has up to `stream_window` requests in flight and ends once `draining` starts.
+    pub fn new(
+        repository: Arc<ModelRepository>,
+        readiness: Readiness,
+        stream_window: usize,
+        draining: Draining,
+    ) -> Self {
         Self {
             repository,
             readiness,
+            stream_window,
             draining,
         }
     }
@@ -382,30 +390,19 @@ impl GrpcInferenceService for KserveService {
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let service = self.clone();
-        let mut requests = request.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        // Requests on a stream are answered one after another, in order; a failed request
-        // gets its error message and the stream carries on, as Triton does. Draining ends
-        // the stream UNAVAILABLE after the request being answered.
-        let mut draining = self.draining.clone();
-        tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                // Drain first: once it has begun, not one more request is read.
-                biased;
-                    () = draining.started() => {
-                        let _ = tx
-                            .send(Err(Status::unavailable(
-                                "the server is shutting down: send unanswered requests again",
-                            )))
-                            .await;
-                        break;
-                    }
-                    next = requests.next() => next,
-                };
-                let Some(next) = next else { break };
-                let reply = match next {
-                    Ok(request) => Ok(match service.infer(request, None).await {
+        // Up to `stream_window` requests of a stream run at once (sharing batches) and are
+        // answered in order; a failed request gets its error message and the stream carries
+        // on, as Triton does. Draining ends the stream UNAVAILABLE after the requests in
+        // flight are answered.
+        Ok(Response::new(Box::pin(OrderedAnswers::new(
+            request.into_inner(),
+            self.stream_window,
+            self.draining.clone(),
+            Status::unavailable("the server is shutting down: send unanswered requests again"),
+            move |request| {
+                let service = service.clone();
+                async move {
+                    match service.infer(request, None).await {
                         Ok(response) => ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(response),
@@ -414,17 +411,9 @@ impl GrpcInferenceService for KserveService {
                             error_message: error.to_string(),
                             infer_response: None,
                         },
-                    }),
-                    Err(status) => Err(status),
-                };
-                let failed = reply.is_err();
-                if tx.send(reply).await.is_err() || failed {
-                    break;
+                    }
                 }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+            },
+        ))))
     }
 }

@@ -33,6 +33,7 @@ mod config;
 mod deadline;
 mod http;
 pub mod kserve_service;
+mod ordered_stream;
 mod repository;
 mod split_service;
 mod status;
@@ -146,6 +147,7 @@ impl TailServer {
         let kserve = GrpcInferenceServiceServer::new(KserveService::new(
             self.repository.clone(),
             self.readiness.clone(),
+            self.config.stream_window,
             draining,
         ))
         .max_decoding_message_size(message_limit)

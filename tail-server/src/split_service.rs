@@ -18,11 +18,11 @@ use cleave_proto::v1::{
     ClassScore, Classification, DetectedBox, Detections, FeatureFrame, FrameResult,
     NegotiateRequest, NegotiateResponse, frame_result::Outcome,
 };
-use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::ordered_stream::OrderedAnswers;
 use crate::repository::{ModelRepository, Prediction, ServedModel};
 use crate::{Draining, TailError, deadline};
 
@@ -203,60 +203,24 @@ impl Split for SplitService {
     }
 }
 
-/// Reads frames, runs up to `window` at once, and yields their results in frame order.
+/// Runs up to `window` frames at once and yields their results in frame order.
 fn ordered_results(
     model: Arc<ServedModel>,
-    mut frames: Streaming<FeatureFrame>,
+    frames: Streaming<FeatureFrame>,
     window: usize,
-    mut draining: Draining,
+    draining: Draining,
 ) -> ResultStream {
-    type InFlight = Result<tokio::task::JoinHandle<FrameResult>, Status>;
-    // The bounded channel of in-flight frames is the window: the reader waits when it is
-    // full, so a client that does not read its results is not read from either.
-    let (in_flight, mut oldest_first) = mpsc::channel::<InFlight>(window);
-    let (results, out) = mpsc::channel(window);
-    tokio::spawn(async move {
-        loop {
-            let next = tokio::select! {
-                // Drain first: once it has begun, not one more request is read.
-                biased;
-                // Shutting down: read no more frames; the ones in flight are still answered,
-                // then the stream ends UNAVAILABLE so the head resends the rest elsewhere.
-                () = draining.started() => {
-                    let _ = in_flight
-                        .send(Err(Status::unavailable(
-                            "the tail is shutting down: frames without an answer on this \
-                             stream were not run; send them again (to another tail)",
-                        )))
-                        .await;
-                    break;
-                }
-                next = frames.next() => next,
-            };
-            let Some(next) = next else { break };
-            let item = next.map(|frame| {
-                let model = model.clone();
-                tokio::spawn(async move { process(&model, frame, None).await })
-            });
-            let failed = item.is_err();
-            if in_flight.send(item).await.is_err() || failed {
-                break;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        while let Some(item) = oldest_first.recv().await {
-            let result = match item {
-                Ok(task) => task
-                    .await
-                    .map_err(|e| Status::internal(format!("frame task failed: {e}"))),
-                Err(status) => Err(status),
-            };
-            let failed = result.is_err();
-            if results.send(result).await.is_err() || failed {
-                break;
-            }
-        }
-    });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
+    Box::pin(OrderedAnswers::new(
+        frames,
+        window,
+        draining,
+        Status::unavailable(
+            "the tail is shutting down: frames without an answer on this stream were not \
+             run; send them again (to another tail)",
+        ),
+        move |frame| {
+            let model = model.clone();
+            async move { process(&model, frame, None).await }
+        },
+    ))
 }

@@ -9,7 +9,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 use cleave_engine::{Backend, Bundle, Role, Tensor, top_k};
-use cleave_head::{FrameReport, HeadEncoder, Uplink, run_split, sources};
+use cleave_head::{
+    FrameReport, HeadEncoder, RunOptions, Session, SessionConfig, run_split, sources,
+};
 use cleave_tail::{TailConfig, TailServer};
 use image::codecs::jpeg::JpegEncoder;
 
@@ -64,7 +66,18 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     eprintln!("tail listening on {address} ({})", args.backend);
 
     let encoder = Arc::new(HeadEncoder::new(bundle.clone(), &args.backend)?);
-    let mut uplink = Uplink::connect(&address, bundle.id()).await?;
+    // Window 1: frames one at a time, so each latency is that frame's alone.
+    let session = Session::start(
+        bundle.id(),
+        SessionConfig {
+            window: 1,
+            ..SessionConfig::new(vec![address.clone()])
+        },
+    );
+    let options = RunOptions {
+        max_pending: 1,
+        ..RunOptions::default()
+    };
     let mut reports: Vec<FrameReport> = Vec::new();
     let mut json = match &args.json {
         Some(path) => Some(std::io::BufWriter::new(
@@ -72,14 +85,19 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         )),
         None => None,
     };
-    // Window 1: frames one at a time, so each latency is that frame's alone.
-    run_split(encoder.clone(), &mut uplink, files.clone(), 1, |report| {
-        if let Some(out) = json.as_mut() {
-            cleave_head::write_json_line(out, report)?;
-        }
-        reports.push(report.clone());
-        Ok(())
-    })
+    run_split(
+        encoder.clone(),
+        &session,
+        files.clone(),
+        &options,
+        |report| {
+            if let Some(out) = json.as_mut() {
+                cleave_head::write_json_line(out, report)?;
+            }
+            reports.push(report.clone());
+            Ok(())
+        },
+    )
     .await?;
     serving
         .shutdown(std::time::Duration::from_secs(30))

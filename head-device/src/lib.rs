@@ -7,21 +7,30 @@
 //!   coded feature frame out ([`EncodedFrame`]).
 //! * [`Uplink`] connects to a tail, checks that both run the same bundle, and streams frames
 //!   over one long-lived gRPC stream, several in flight, results in order.
+//! * [`Session`] keeps an uplink alive across a bad link: reconnect with backoff, failover
+//!   between tails, resend of what a lost stream took down, deadlines.
+//! * [`LocalModel`] runs the bundle's full model on the device, for when no tail answers.
 //! * [`run_split`] ties them together and emits one [`FrameReport`] per frame: the classes,
-//!   the bytes that crossed, and where the time went.
+//!   the bytes that crossed, and where the time went, or the status and its reason.
 //!
 //! The head never imports the tail: the two share only `cleave-proto`.
 
+mod backoff;
 mod encoder;
+mod local;
 mod report;
 mod run;
+mod session;
 pub mod sources;
 mod uplink;
 
+pub use backoff::Backoff;
 pub use encoder::{CodingPolicy, EncodedFrame, HeadEncoder};
-pub use report::{DetectedBox, Failure, FrameReport, Outcome, Score};
-pub use run::{RunSummary, run_split, write_json_line};
-pub use uplink::{FrameSender, ResultReceiver, Uplink, UplinkResult};
+pub use local::LocalModel;
+pub use report::{DetectedBox, Failure, FrameReport, Outcome, Score, Status};
+pub use run::{LinkDownPolicy, RunOptions, RunSummary, run_split, write_json_line};
+pub use session::{Delivery, Session, SessionConfig};
+pub use uplink::{ConnectOptions, FrameSender, ResultReceiver, Uplink, UplinkResult};
 
 /// What can go wrong on the head.
 #[derive(Debug, thiserror::Error)]

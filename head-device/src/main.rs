@@ -1,17 +1,22 @@
 //! `cleave-head`: runs a bundle's head on images and streams the features to a tail.
 //!
-//! Prints one JSON line per input on stdout (frame id, top-5 classes, bytes sent, and the
-//! head / uplink / tail / total milliseconds) and a summary on stderr.
+//! Prints one JSON line per input on stdout (frame id, status, top-5 classes or the reason
+//! there are none, bytes sent, and the head / uplink / tail / total milliseconds) and a
+//! summary on stderr.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use cleave_codec::Codec;
 use cleave_engine::{Backend, Bundle};
-use cleave_head::{CodingPolicy, HeadEncoder, Uplink, run_split, sources, write_json_line};
+use cleave_head::{
+    CodingPolicy, ConnectOptions, HeadEncoder, LinkDownPolicy, LocalModel, RunOptions, Session,
+    SessionConfig, run_split, sources, write_json_line,
+};
 
 /// Run the head of a Cleave split model on images and get results from a tail server.
 #[derive(Debug, Parser)]
@@ -20,9 +25,10 @@ struct Args {
     /// Bundle folder (manifest.toml, head.onnx, ...); the tail must serve the same bundle.
     #[arg(long)]
     bundle: PathBuf,
-    /// Tail server URL.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    server: String,
+    /// Tail server URL. Repeat for failover: servers are tried in the order given, and a
+    /// lost stream moves to the next one, its unanswered frames resent there.
+    #[arg(long = "server", default_value = "http://127.0.0.1:50051")]
+    servers: Vec<String>,
     /// Inference backend for the head model: tract, ort, ort-cuda or ort-tensorrt.
     #[arg(long, default_value = "tract")]
     backend: Backend,
@@ -43,8 +49,31 @@ struct Args {
     #[arg(long, conflicts_with = "bits", value_parser = clap::value_parser!(u64).range(1..))]
     byte_budget: Option<u64>,
     /// Frames in flight on the uplink at once.
-    #[arg(long, default_value_t = 4)]
-    window: usize,
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    window: u32,
+    /// Frames between being read and being reported, at most (encoded, queued, in flight).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_pending: u32,
+    /// Milliseconds from reading a frame to its answer; a frame still unanswered then is
+    /// reported `expired` (the tail, told the time left, drops it unrun when late).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    deadline_ms: u64,
+    /// What to do with frames while no tail is reachable (every server failed in a row):
+    /// `wait` holds them until a tail is back or their deadline passes; `local` runs the
+    /// bundle's full model on this device; `drop` reports them dropped.
+    #[arg(long, default_value = "wait", value_parser = ["wait", "local", "drop"])]
+    on_link_down: String,
+    /// Milliseconds a dial (TCP connect plus bundle negotiation) may take.
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
+    connect_timeout_ms: u64,
+    /// Milliseconds between HTTP/2 keepalive pings; an unanswered ping within the same time
+    /// closes the connection, so a silent link is noticed.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    keepalive_ms: u64,
+    /// Longest wait, in milliseconds, between rounds of reconnect attempts once every server
+    /// failed (waits start at 100 ms, double, and are jittered).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    reconnect_max_ms: u64,
     /// Image files (.jpg, .jpeg, .png) or folders of them, processed in order.
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
@@ -76,17 +105,48 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(policy) => encoder.with_policy(policy)?,
         None => encoder,
     });
-    let mut uplink = Uplink::connect(&args.server, bundle.id()).await?;
+    let on_link_down = match args.on_link_down.as_str() {
+        "local" => LinkDownPolicy::Local(Arc::new(
+            LocalModel::new(bundle.clone(), &args.backend)
+                .context("loading the full model for --on-link-down local")?,
+        )),
+        "drop" => LinkDownPolicy::Drop,
+        _ => LinkDownPolicy::Wait,
+    };
+    let window = args.window as usize;
+    let session = Session::start(
+        bundle.id(),
+        SessionConfig {
+            window,
+            connect: ConnectOptions {
+                connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+                keepalive: Duration::from_millis(args.keepalive_ms),
+            },
+            backoff_max: Duration::from_millis(args.reconnect_max_ms),
+            fail_fast_when_down: on_link_down.fails_fast(),
+            ..SessionConfig::new(args.servers.clone())
+        },
+    );
+    let options = RunOptions {
+        max_pending: (args.max_pending as usize).max(window),
+        deadline: Duration::from_millis(args.deadline_ms),
+        on_link_down,
+    };
     let stdout = std::io::stdout();
-    let summary = run_split(encoder, &mut uplink, files, args.window, |report| {
+    let summary = run_split(encoder, &session, files, &options, |report| {
         write_json_line(&mut stdout.lock(), report)
     })
     .await?;
     eprintln!(
-        "cleave-head: {} answered, {} failed, {} bytes sent",
-        summary.answered, summary.failed, summary.bytes_sent
+        "cleave-head: {} answered ({} locally), {} failed, {} expired, {} dropped, {} bytes sent",
+        summary.answered,
+        summary.local,
+        summary.failed,
+        summary.expired,
+        summary.dropped,
+        summary.bytes_sent
     );
-    Ok(if summary.failed == 0 {
+    Ok(if summary.failed + summary.expired == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -55,6 +55,20 @@ pub struct Failure {
     pub message: String,
 }
 
+/// How a frame ended, in one word; every frame gets exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// A result: classes or boxes.
+    Answered,
+    /// No result; `error` says why.
+    Failed,
+    /// Its deadline passed first: waiting for a link, in a queue, or at the tail.
+    Expired,
+    /// Deliberately not processed (link down with the `drop` policy); `error` says why.
+    Dropped,
+}
+
 /// The report of one frame.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FrameReport {
@@ -62,11 +76,22 @@ pub struct FrameReport {
     pub frame_id: u64,
     /// Where the frame came from.
     pub source: String,
-    /// `split`.
+    /// `answered`, `failed`, `expired` or `dropped`.
+    pub status: Status,
+    /// Where the result was computed: `split` (head here, tail on a server) or `local` (the
+    /// full model on this device).
     pub mode: &'static str,
     /// Result or failure.
     #[serde(flatten)]
     pub outcome: Outcome,
+    /// The tail that answered, for `split`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// Times the frame was sent (more than 1: resent after a stream was lost).
+    pub sends: u32,
+    /// Why the frame took the path it did (e.g. ran locally because the link was down).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     /// How the frame was coded (`"4-bit calibrated, ans"`); absent if it was never coded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coding: Option<String>,

@@ -1,31 +1,95 @@
-//! The head's main job: encode each input, stream it to the tail, report each result.
+//! The head's main job: encode each input, get it answered, report each frame exactly once.
 //!
-//! Encoding runs on a blocking thread and overlaps with the uplink: up to `window` frames are
-//! in flight at once. Results arrive in frame order, so the reports come out in input order,
-//! and every input ends in exactly one report — a result or a failure with its reason.
+//! Encoding runs on blocking threads and overlaps with the uplink: up to `max_pending`
+//! frames are between being read and being reported. The [`Session`] sends them, resends
+//! them after a lost stream and fails over between tails; when no tail is reachable, the
+//! [`LinkDownPolicy`] decides: run the full model here, drop the frame, or wait (until the
+//! frame's deadline). Reports come out in input order, and every input ends in exactly one:
+//! a result, or a status with its reason.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, mpsc};
+use cleave_engine::Tensor;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::report::{Failure, FrameReport, Outcome};
-use crate::{HeadEncoder, HeadError, ResultReceiver, Uplink, UplinkResult};
+use crate::local::LocalModel;
+use crate::report::{Failure, FrameReport, Outcome, Status};
+use crate::session::{Delivery, Session};
+use crate::{HeadEncoder, HeadError, UplinkResult};
 
 /// What a run did, for the caller's exit status and summary line.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunSummary {
-    /// Frames the tail answered (classified or detected).
+    /// Frames with a result (classified or detected), here or at a tail.
     pub answered: usize,
+    /// Frames answered by the full model on this device.
+    pub local: usize,
     /// Frames that failed.
     pub failed: usize,
-    /// Coded bytes sent, all frames.
+    /// Frames whose deadline passed first.
+    pub expired: usize,
+    /// Frames dropped on purpose.
+    pub dropped: usize,
+    /// Coded bytes sent, all frames and all sends.
     pub bytes_sent: usize,
 }
 
-/// A frame that went up the stream and waits for its answer.
+/// What the head does with frames while no tail is reachable.
+#[derive(Debug, Clone)]
+pub enum LinkDownPolicy {
+    /// Hold them; each is sent when a tail is back, or expires at its deadline.
+    Wait,
+    /// Run the bundle's full model here.
+    Local(Arc<LocalModel>),
+    /// Report them dropped.
+    Drop,
+}
+
+impl LinkDownPolicy {
+    /// Whether the session should answer `LinkDown` at once rather than hold frames.
+    pub fn fails_fast(&self) -> bool {
+        !matches!(self, Self::Wait)
+    }
+}
+
+/// How [`run_split`] paces and bounds its frames.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Frames between being read and being reported, at most.
+    pub max_pending: usize,
+    /// Time from reading a frame to its answer, after which it is reported `expired`.
+    pub deadline: Duration,
+    /// What to do while no tail is reachable.
+    pub on_link_down: LinkDownPolicy,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            max_pending: 8,
+            deadline: Duration::from_secs(10),
+            on_link_down: LinkDownPolicy::Wait,
+        }
+    }
+}
+
+/// A frame between reading and its report.
+enum Pending {
+    /// Handed to the session.
+    Sent {
+        frame: SentFrame,
+        delivery: oneshot::Receiver<Delivery>,
+        /// Kept for the local fallback.
+        input: Option<Tensor>,
+    },
+    /// Already finished (failed to read or encode, ran locally, dropped).
+    Done(Box<FrameReport>),
+}
+
+/// What the report of a sent frame needs.
 struct SentFrame {
     frame_id: u64,
     source: String,
@@ -35,33 +99,235 @@ struct SentFrame {
     head_ms: f64,
     coding: String,
     bytes: usize,
-    wire_bytes: usize,
+}
+
+/// Encodes `files`, hands them to `session`, and gives each frame's report to `emit` in
+/// input order.
+///
+/// # Errors
+///
+/// Only `emit`'s: a lost link, a failed tail or a bad input is a frame's report, not an
+/// error of the run.
+pub async fn run_split(
+    encoder: Arc<HeadEncoder>,
+    session: &Session,
+    files: Vec<PathBuf>,
+    options: &RunOptions,
+    mut emit: impl FnMut(&FrameReport) -> std::io::Result<()>,
+) -> Result<RunSummary, HeadError> {
+    let permits = Arc::new(Semaphore::new(options.max_pending.max(1)));
+    let (pending_tx, mut pending_rx) = mpsc::unbounded_channel::<Pending>();
+    let producer = tokio::spawn(produce(
+        encoder,
+        session.clone(),
+        files,
+        options.clone(),
+        permits.clone(),
+        pending_tx,
+    ));
+
+    let mut summary = RunSummary::default();
+    while let Some(pending) = pending_rx.recv().await {
+        let report = match pending {
+            Pending::Done(report) => *report,
+            Pending::Sent {
+                frame,
+                delivery,
+                input,
+            } => {
+                let delivery = delivery.await.unwrap_or(Delivery::LinkDown {
+                    reason: "the uplink session stopped".into(),
+                });
+                settle(frame, delivery, input, &options.on_link_down).await
+            }
+        };
+        permits.add_permits(1);
+        count(&mut summary, &report);
+        emit(&report)?;
+    }
+    let _ = producer.await;
+    Ok(summary)
+}
+
+fn count(summary: &mut RunSummary, report: &FrameReport) {
+    match report.status {
+        Status::Answered if report.mode == "local" => {
+            summary.answered += 1;
+            summary.local += 1;
+        }
+        Status::Answered => summary.answered += 1,
+        Status::Failed => summary.failed += 1,
+        Status::Expired => summary.expired += 1,
+        Status::Dropped => summary.dropped += 1,
+    }
+    summary.bytes_sent += report.bytes_sent * report.sends.max(1) as usize;
+}
+
+/// Reads, encodes and submits every file in order; frames that need no uplink are finished
+/// here.
+async fn produce(
+    encoder: Arc<HeadEncoder>,
+    session: Session,
+    files: Vec<PathBuf>,
+    options: RunOptions,
+    permits: Arc<Semaphore>,
+    pending: mpsc::UnboundedSender<Pending>,
+) {
+    let keep_input = matches!(options.on_link_down, LinkDownPolicy::Local(_));
+    for (frame_id, path) in (0u64..).zip(files) {
+        let Ok(permit) = permits.acquire().await else {
+            break;
+        };
+        // The consumer gives the permit back once the frame is reported.
+        permit.forget();
+        let source = path.display().to_string();
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + options.deadline;
+        let down = session.is_down();
+        let item = match (&options.on_link_down, down) {
+            (LinkDownPolicy::Drop, true) => Pending::Done(Box::new(dropped(
+                frame_id,
+                source,
+                "the link is down and the policy is to drop".into(),
+            ))),
+            (LinkDownPolicy::Local(local), true) => {
+                let local = local.clone();
+                let encoder = encoder.clone();
+                let job = tokio::task::spawn_blocking(move || {
+                    let input = encoder.preprocessor().from_path(&path)?;
+                    local.run(&input)
+                });
+                Pending::Done(Box::new(local_report(
+                    frame_id,
+                    source,
+                    started,
+                    job.await,
+                    "the link was down".into(),
+                )))
+            }
+            _ => {
+                let encoder = encoder.clone();
+                let job = tokio::task::spawn_blocking(move || {
+                    let read = Instant::now();
+                    let input = encoder.preprocessor().from_path(&path)?;
+                    let preprocess_ms = read.elapsed().as_secs_f64() * 1e3;
+                    let mut frame = encoder.encode_tensor(&input)?;
+                    frame.preprocess_ms = preprocess_ms;
+                    Ok::<_, HeadError>((frame, keep_input.then_some(input)))
+                });
+                match job.await {
+                    Ok(Ok((frame, input))) => {
+                        let bytes = frame.bytes.len();
+                        let coding = format!("{}, {}", frame.coding, frame.codec.name());
+                        let sent = Instant::now();
+                        let delivery = session.submit(frame_id, frame.bytes, deadline).await;
+                        Pending::Sent {
+                            frame: SentFrame {
+                                frame_id,
+                                source,
+                                started,
+                                sent,
+                                preprocess_ms: frame.preprocess_ms,
+                                head_ms: frame.head_ms,
+                                coding,
+                                bytes,
+                            },
+                            delivery,
+                            input,
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        Pending::Done(Box::new(failed(frame_id, source, failure_kind(&e), e)))
+                    }
+                    Err(join) => Pending::Done(Box::new(failed(
+                        frame_id,
+                        source,
+                        "input",
+                        format!("encoder panicked: {join}"),
+                    ))),
+                }
+            }
+        };
+        if pending.send(item).is_err() {
+            break;
+        }
+    }
+}
+
+/// The report of a frame the session delivered; runs it locally if the link was down and
+/// the policy says so.
+async fn settle(
+    frame: SentFrame,
+    delivery: Delivery,
+    input: Option<Tensor>,
+    policy: &LinkDownPolicy,
+) -> FrameReport {
+    match delivery {
+        Delivery::Answered {
+            result,
+            server,
+            sends,
+            wire_bytes,
+        } => frame.answered(result, server, sends, wire_bytes),
+        Delivery::Expired {
+            sends,
+            wire_bytes,
+            why,
+        } => {
+            let mut report = frame.unanswered(Status::Expired, "expired", why);
+            report.sends = sends;
+            report.wire_bytes = wire_bytes;
+            report
+        }
+        Delivery::LinkDown { reason } => match (policy, input) {
+            (LinkDownPolicy::Local(local), Some(input)) => {
+                let local = local.clone();
+                let job = tokio::task::spawn_blocking(move || local.run(&input));
+                let (frame_id, source, started) = (frame.frame_id, frame.source, frame.started);
+                local_report(
+                    frame_id,
+                    source,
+                    started,
+                    job.await,
+                    format!("the link went down: {reason}"),
+                )
+            }
+            _ => frame.unanswered(
+                Status::Dropped,
+                "link_down",
+                format!("no tail reachable, frame dropped: {reason}"),
+            ),
+        },
+    }
 }
 
 impl SentFrame {
-    /// The frame's report, given the tail's answer or why none came.
-    fn report(self, answer: Result<UplinkResult, String>) -> FrameReport {
-        let result = match answer {
-            Ok(result) => result,
-            Err(reason) => {
-                let mut report = failed(self.frame_id, self.source, "uplink".into(), reason);
-                report.coding = Some(self.coding);
-                report.bytes_sent = self.bytes;
-                report.wire_bytes = self.wire_bytes;
-                return report;
-            }
-        };
+    fn answered(
+        self,
+        result: UplinkResult,
+        server: String,
+        sends: u32,
+        wire_bytes: usize,
+    ) -> FrameReport {
         let now = Instant::now();
         let round_trip_ms = (now - self.sent).as_secs_f64() * 1e3;
-        let outcome = result.outcome;
+        let status = match &result.outcome {
+            Outcome::Failed { error } if error.kind == "deadline_exceeded" => Status::Expired,
+            Outcome::Failed { .. } => Status::Failed,
+            Outcome::Classified { .. } | Outcome::Detected { .. } => Status::Answered,
+        };
         FrameReport {
             frame_id: self.frame_id,
             source: self.source,
+            status,
             mode: "split",
-            outcome,
+            outcome: result.outcome,
+            server: Some(server),
+            sends,
+            note: None,
             coding: Some(self.coding),
             bytes_sent: self.bytes,
-            wire_bytes: self.wire_bytes,
+            wire_bytes,
             tail_received_bytes: result.received_bytes,
             preprocess_ms: self.preprocess_ms,
             head_ms: self.head_ms,
@@ -70,131 +336,44 @@ impl SentFrame {
             total_ms: (now - self.started).as_secs_f64() * 1e3,
         }
     }
-}
 
-/// A frame between encoding and its report.
-enum Pending {
-    Sent(SentFrame),
-    Failed {
-        frame_id: u64,
-        source: String,
-        kind: &'static str,
-        message: String,
-    },
-}
-
-/// Encodes `files` with `encoder`, streams them over `uplink` with at most `window` frames in
-/// flight, and hands each frame's report to `emit` in input order.
-///
-/// # Errors
-///
-/// [`HeadError::Uplink`] if the stream cannot be opened. A stream that breaks midway does not
-/// end the run with an error: the frames it took down are reported as failed.
-pub async fn run_split(
-    encoder: Arc<HeadEncoder>,
-    uplink: &mut Uplink,
-    files: Vec<PathBuf>,
-    window: usize,
-    mut emit: impl FnMut(&FrameReport) -> std::io::Result<()>,
-) -> Result<RunSummary, HeadError> {
-    let window = window.max(1);
-    let (sender, mut results) = uplink.open_stream(window).await?;
-    let permits = Arc::new(Semaphore::new(window));
-    let (pending_tx, mut pending_rx) = mpsc::unbounded_channel::<Pending>();
-
-    let producer_permits = permits.clone();
-    let producer = tokio::spawn(async move {
-        for (frame_id, path) in (0u64..).zip(files) {
-            let Ok(permit) = producer_permits.clone().acquire_owned().await else {
-                break;
-            };
-            let source = path.display().to_string();
-            let started = Instant::now();
-            let job_encoder = encoder.clone();
-            let encoded = tokio::task::spawn_blocking(move || job_encoder.encode_path(&path)).await;
-            let failure = |kind, message| Pending::Failed {
-                frame_id,
-                source: source.clone(),
-                kind,
-                message,
-            };
-            let pending = match encoded {
-                Ok(Ok(frame)) => {
-                    let bytes = frame.bytes.len();
-                    let sent = Instant::now();
-                    match sender.send(frame_id, frame.bytes).await {
-                        Ok(wire_bytes) => {
-                            // The permit comes back when the answer does.
-                            permit.forget();
-                            Pending::Sent(SentFrame {
-                                frame_id,
-                                source: source.clone(),
-                                started,
-                                sent,
-                                preprocess_ms: frame.preprocess_ms,
-                                head_ms: frame.head_ms,
-                                coding: format!("{}, {}", frame.coding, frame.codec.name()),
-                                bytes,
-                                wire_bytes,
-                            })
-                        }
-                        Err(e) => failure("uplink", e.to_string()),
-                    }
-                }
-                Ok(Err(e)) => failure(failure_kind(&e), e.to_string()),
-                Err(join) => failure("input", format!("encoder panicked: {join}")),
-            };
-            if pending_tx.send(pending).is_err() {
-                break;
-            }
-        }
-        // Dropping the sender ends the request stream once everything is sent.
-    });
-
-    let mut summary = RunSummary::default();
-    let mut broken: Option<String> = None;
-    while let Some(pending) = pending_rx.recv().await {
-        let report = match pending {
-            Pending::Failed {
-                frame_id,
-                source,
-                kind,
-                message,
-            } => failed(frame_id, source, kind.to_string(), message),
-            Pending::Sent(frame) => {
-                let answer = match &broken {
-                    Some(reason) => Err(reason.clone()),
-                    None => next_answer(&mut results, frame.frame_id).await,
-                };
-                permits.add_permits(1);
-                if let Err(reason) = &answer {
-                    broken.get_or_insert_with(|| reason.clone());
-                }
-                frame.report(answer)
-            }
-        };
-        match report.outcome {
-            Outcome::Classified { .. } | Outcome::Detected { .. } => summary.answered += 1,
-            Outcome::Failed { .. } => summary.failed += 1,
-        }
-        summary.bytes_sent += report.bytes_sent;
-        emit(&report)?;
+    fn unanswered(self, status: Status, kind: &str, message: String) -> FrameReport {
+        let mut report = failed(self.frame_id, self.source, kind, message);
+        report.status = status;
+        report.coding = Some(self.coding);
+        report.bytes_sent = self.bytes;
+        report.preprocess_ms = self.preprocess_ms;
+        report.head_ms = self.head_ms;
+        report.total_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        report
     }
-    let _ = producer.await;
-    Ok(summary)
 }
 
-/// The tail's answer to `frame_id`, which must be the next on the stream.
-async fn next_answer(results: &mut ResultReceiver, frame_id: u64) -> Result<UplinkResult, String> {
-    match results.next().await {
-        Ok(Some(result)) if result.frame_id == frame_id => Ok(result),
-        Ok(Some(result)) => Err(format!(
-            "tail answered frame {} when frame {frame_id} was due",
-            result.frame_id
-        )),
-        Ok(None) => Err("the tail ended the stream early".to_string()),
-        Err(e) => Err(e.to_string()),
-    }
+fn local_report(
+    frame_id: u64,
+    source: String,
+    started: Instant,
+    ran: Result<Result<(Outcome, f64), HeadError>, tokio::task::JoinError>,
+    why: String,
+) -> FrameReport {
+    let mut report = match ran {
+        Ok(Ok((outcome, model_ms))) => {
+            let mut report = blank(frame_id, source, Status::Answered, outcome);
+            report.head_ms = model_ms;
+            report
+        }
+        Ok(Err(e)) => failed(frame_id, source, failure_kind(&e), e),
+        Err(join) => failed(
+            frame_id,
+            source,
+            "input",
+            format!("local model panicked: {join}"),
+        ),
+    };
+    report.mode = "local";
+    report.note = Some(format!("{why}; ran the full model on this device"));
+    report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    report
 }
 
 fn failure_kind(error: &HeadError) -> &'static str {
@@ -205,14 +384,31 @@ fn failure_kind(error: &HeadError) -> &'static str {
     }
 }
 
-fn failed(frame_id: u64, source: String, kind: String, message: String) -> FrameReport {
+fn dropped(frame_id: u64, source: String, message: String) -> FrameReport {
+    let mut report = failed(frame_id, source, "link_down", message);
+    report.status = Status::Dropped;
+    report
+}
+
+fn failed(frame_id: u64, source: String, kind: &str, message: impl ToString) -> FrameReport {
+    let error = Failure {
+        kind: kind.to_string(),
+        message: message.to_string(),
+    };
+    blank(frame_id, source, Status::Failed, Outcome::Failed { error })
+}
+
+/// A report with `outcome` and nothing measured yet.
+fn blank(frame_id: u64, source: String, status: Status, outcome: Outcome) -> FrameReport {
     FrameReport {
         frame_id,
         source,
+        status,
         mode: "split",
-        outcome: Outcome::Failed {
-            error: Failure { kind, message },
-        },
+        outcome,
+        server: None,
+        sends: 0,
+        note: None,
         coding: None,
         bytes_sent: 0,
         wire_bytes: 0,

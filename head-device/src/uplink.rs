@@ -24,6 +24,26 @@ pub struct Uplink {
     max_frame_bytes: usize,
 }
 
+/// How a head dials a tail.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Longest a TCP connect plus negotiation may take.
+    pub connect_timeout: std::time::Duration,
+    /// HTTP/2 pings at this interval, also while idle; a connection whose ping is not
+    /// answered within the same time is closed, so a link that went silent (no reset, no
+    /// FIN) is noticed.
+    pub keepalive: std::time::Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: std::time::Duration::from_secs(5),
+            keepalive: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
 /// A tail's answer to one frame.
 #[derive(Debug, Clone)]
 pub struct UplinkResult {
@@ -46,13 +66,50 @@ impl Uplink {
     /// [`HeadError::Uplink`] if the tail cannot be reached, [`HeadError::BundleMismatch`] if it
     /// serves another bundle (the message names both ids).
     pub async fn connect(server: &str, bundle_id: BundleId) -> Result<Self, HeadError> {
+        Self::connect_with(server, bundle_id, &ConnectOptions::default()).await
+    }
+
+    /// As [`connect`](Self::connect), with timeouts and keepalive from `options`.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect); a connect or negotiation slower than
+    /// `options.connect_timeout` is [`HeadError::Uplink`].
+    pub async fn connect_with(
+        server: &str,
+        bundle_id: BundleId,
+        options: &ConnectOptions,
+    ) -> Result<Self, HeadError> {
+        match tokio::time::timeout(
+            options.connect_timeout,
+            Self::dial(server, bundle_id, options),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(HeadError::Uplink {
+                server: server.to_string(),
+                reason: format!("no answer within {:?}", options.connect_timeout),
+            }),
+        }
+    }
+
+    async fn dial(
+        server: &str,
+        bundle_id: BundleId,
+        options: &ConnectOptions,
+    ) -> Result<Self, HeadError> {
         let uplink_err = |reason: String| HeadError::Uplink {
             server: server.to_string(),
             reason,
         };
         let endpoint = Endpoint::from_shared(server.to_string())
             .map_err(|e| uplink_err(format!("bad address: {e}")))?
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .connect_timeout(options.connect_timeout)
+            .http2_keep_alive_interval(options.keepalive)
+            .keep_alive_timeout(options.keepalive)
+            .keep_alive_while_idle(true);
         let channel = endpoint
             .connect()
             .await
@@ -186,10 +243,28 @@ impl FrameSender {
     ///
     /// [`HeadError::Uplink`] if the stream has closed.
     pub async fn send(&self, frame_id: u64, frame: Vec<u8>) -> Result<usize, HeadError> {
+        self.send_within(frame_id, frame, None).await
+    }
+
+    /// As [`send`](Self::send); the tail drops the frame unrun if it cannot start it within
+    /// `deadline` of receiving it, and answers `DEADLINE_EXCEEDED`.
+    ///
+    /// # Errors
+    ///
+    /// [`HeadError::Uplink`] if the stream has closed.
+    pub async fn send_within(
+        &self,
+        frame_id: u64,
+        frame: Vec<u8>,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<usize, HeadError> {
+        let deadline_ms = deadline.map_or(0, |d| {
+            u32::try_from(d.as_millis().max(1)).unwrap_or(u32::MAX)
+        });
         let message = FeatureFrame {
             frame_id,
             frame,
-            deadline_ms: 0,
+            deadline_ms,
         };
         let wire = message.encoded_len() + GRPC_PREFIX_BYTES;
         self.tx.send(message).await.map_err(|_| HeadError::Uplink {

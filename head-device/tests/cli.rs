@@ -34,8 +34,9 @@ fn a_missing_input_is_named() {
 }
 
 #[test]
-fn an_unreachable_tail_is_named() {
-    // Port 9 on loopback: nothing listens there in a test sandbox.
+fn an_unreachable_tail_is_named_in_every_frame_that_expired_waiting_for_it() {
+    // Port 9 on loopback: nothing listens there in a test sandbox. The head is a daemon: it
+    // keeps dialling rather than exiting, and each frame expires at its deadline.
     let samples = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/samples");
     let out = Command::new(BIN)
         .args([
@@ -43,11 +44,18 @@ fn an_unreachable_tail_is_named() {
             &bundle(),
             "--server",
             "http://127.0.0.1:9",
+            "--deadline-ms",
+            "300",
             samples,
         ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("127.0.0.1:9"), "{stderr}");
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        assert!(line.contains(r#""status":"expired""#), "{line}");
+        assert!(line.contains("127.0.0.1:9"), "{line}");
+    }
 }

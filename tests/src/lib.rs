@@ -93,12 +93,22 @@ impl TailProcess {
     ///
     /// If the process does not start or does not print its addresses.
     pub fn start_with(bundle: &Path, extra: &[&str]) -> Self {
+        Self::start_on(bundle, "127.0.0.1:0", extra)
+    }
+
+    /// Like [`TailProcess::start_with`], listening on `listen` (to restart a tail where its
+    /// heads expect it).
+    ///
+    /// # Panics
+    ///
+    /// If the process does not start or does not print its addresses.
+    pub fn start_on(bundle: &Path, listen: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(binary("cleave-tail"))
             .args([
                 "--bundle",
                 &bundle.display().to_string(),
                 "--listen",
-                "127.0.0.1:0",
+                listen,
             ])
             .args(extra)
             .stdout(Stdio::piped())
@@ -150,6 +160,12 @@ impl TailProcess {
     /// If waiting fails.
     pub fn wait(&mut self) -> std::process::ExitStatus {
         self.child.wait().expect("cleave-tail exits")
+    }
+
+    /// Kills the process at once (SIGKILL): no drain, connections reset.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits.

@@ -85,19 +85,14 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         )),
         None => None,
     };
-    run_split(
-        encoder.clone(),
-        &session,
-        files.clone(),
-        &options,
-        |report| {
-            if let Some(out) = json.as_mut() {
-                cleave_head::write_json_line(out, report)?;
-            }
-            reports.push(report.clone());
-            Ok(())
-        },
-    )
+    let frames = sources::start(sources::SourceSpec::Files(files.clone()), 1)?;
+    run_split(encoder.clone(), &session, frames, &options, |report| {
+        if let Some(out) = json.as_mut() {
+            cleave_head::write_json_line(out, report)?;
+        }
+        reports.push(report.clone());
+        Ok(())
+    })
     .await?;
     serving
         .shutdown(std::time::Duration::from_secs(30))

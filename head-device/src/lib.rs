@@ -20,6 +20,7 @@ mod encoder;
 mod local;
 mod report;
 mod run;
+pub mod scene_gate;
 mod session;
 pub mod sources;
 mod uplink;

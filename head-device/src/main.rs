@@ -13,10 +13,12 @@ use anyhow::Context;
 use clap::Parser;
 use cleave_codec::Codec;
 use cleave_engine::{Backend, Bundle};
+use cleave_head::sources::{SourceFrame, SourceSpec};
 use cleave_head::{
     CodingPolicy, ConnectOptions, HeadEncoder, LinkDownPolicy, LocalModel, RunOptions, Session,
     SessionConfig, run_split, sources, write_json_line,
 };
+use tokio::sync::mpsc;
 
 /// Run the head of a Cleave split model on images and get results from a tail server.
 #[derive(Debug, Parser)]
@@ -74,8 +76,35 @@ struct Args {
     /// failed (waits start at 100 ms, double, and are jittered).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     reconnect_max_ms: u64,
-    /// Image files (.jpg, .jpeg, .png) or folders of them, processed in order.
-    #[arg(required = true)]
+    /// Skip frames that changed less than this (0 to 1: mean absolute difference of a 32×32
+    /// grey thumbnail) from the last frame sent; they are reported `unchanged`. Off unless
+    /// given; 0.02 suits a fixed camera.
+    #[arg(long, value_parser = parse_fraction)]
+    scene_threshold: Option<f32>,
+    /// Watch this folder: its images in name order, then each new image once it is
+    /// completely written; runs until stopped (SIGTERM or Ctrl-C).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["inputs", "replay", "stdin_raw"])]
+    watch: Option<PathBuf>,
+    /// Milliseconds between looks at the watched folder.
+    #[arg(long, default_value_t = 200, requires = "watch", value_parser = clap::value_parser!(u64).range(1..))]
+    watch_poll_ms: u64,
+    /// Replay this folder's images at --fps frames per second, as a camera would deliver
+    /// them (for benchmarks): a frame the pipeline cannot take in time is late, and expires.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["inputs", "stdin_raw"])]
+    replay: Option<PathBuf>,
+    /// Frames per second of --replay.
+    #[arg(long, default_value_t = 10.0, requires = "replay")]
+    fps: f64,
+    /// Passes of --replay over its folder; 0 repeats until stopped.
+    #[arg(long, default_value_t = 1, requires = "replay")]
+    loops: u32,
+    /// Read raw RGB frames of WIDTHxHEIGHT from stdin (3 bytes a pixel, row by row, as
+    /// `ffmpeg -f rawvideo -pix_fmt rgb24 -` writes them) until it ends.
+    #[arg(long, value_name = "WIDTHxHEIGHT", value_parser = parse_size, conflicts_with = "inputs")]
+    stdin_raw: Option<(u32, u32)>,
+    /// Image files (.jpg, .jpeg, .png) or folders of them, processed once, in order. One
+    /// source is needed: these, --watch, --replay or --stdin-raw.
+    #[arg(required_unless_present_any = ["watch", "replay", "stdin_raw"])]
     inputs: Vec<PathBuf>,
 }
 
@@ -98,7 +127,22 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let files = sources::expand_inputs(&args.inputs)?;
+    let spec = if let Some(dir) = &args.watch {
+        SourceSpec::Watch {
+            dir: dir.clone(),
+            poll: Duration::from_millis(args.watch_poll_ms),
+        }
+    } else if let Some(dir) = &args.replay {
+        SourceSpec::Replay {
+            dir: dir.clone(),
+            fps: args.fps,
+            loops: args.loops,
+        }
+    } else if let Some((width, height)) = args.stdin_raw {
+        SourceSpec::StdinRaw { width, height }
+    } else {
+        SourceSpec::Files(args.inputs.clone())
+    };
     let bundle = Arc::new(Bundle::open(&args.bundle).context("opening the bundle")?);
     let encoder = HeadEncoder::new(bundle.clone(), &args.backend)?;
     let encoder = Arc::new(match policy(&args, encoder.policy()) {
@@ -131,19 +175,23 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         max_pending: (args.max_pending as usize).max(window),
         deadline: Duration::from_millis(args.deadline_ms),
         on_link_down,
+        scene_threshold: args.scene_threshold,
     };
+    let frames = until_stopped(sources::start(spec, 2)?);
     let stdout = std::io::stdout();
-    let summary = run_split(encoder, &session, files, &options, |report| {
+    let summary = run_split(encoder, &session, frames, &options, |report| {
         write_json_line(&mut stdout.lock(), report)
     })
     .await?;
     eprintln!(
-        "cleave-head: {} answered ({} locally), {} failed, {} expired, {} dropped, {} bytes sent",
+        "cleave-head: {} answered ({} locally), {} failed, {} expired, {} dropped, {} \
+         unchanged, {} bytes sent",
         summary.answered,
         summary.local,
         summary.failed,
         summary.expired,
         summary.dropped,
+        summary.unchanged,
         summary.bytes_sent
     );
     Ok(if summary.failed + summary.expired == 0 {
@@ -151,6 +199,65 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Passes the source's frames on until SIGTERM or Ctrl-C; then no more are taken, and the
+/// run ends once the frames already taken are reported.
+fn until_stopped(mut frames: mpsc::Receiver<SourceFrame>) -> mpsc::Receiver<SourceFrame> {
+    let (tx, out) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let stop = stop_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => {
+                    eprintln!("cleave-head: stopping: reading no more frames, finishing the ones taken");
+                    return;
+                }
+                frame = frames.recv() => match frame {
+                    Some(frame) => if tx.send(frame).await.is_err() { return },
+                    None => return,
+                },
+            }
+        }
+    });
+    out
+}
+
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn parse_size(text: &str) -> Result<(u32, u32), String> {
+    let (w, h) = text
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("expected WIDTHxHEIGHT, like 640x480, not {text:?}"))?;
+    let side = |s: &str| {
+        s.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=16384).contains(n))
+            .ok_or_else(|| format!("{s:?} is not a side of 1 to 16384 pixels"))
+    };
+    Ok((side(w)?, side(h)?))
+}
+
+fn parse_fraction(text: &str) -> Result<f32, String> {
+    text.parse::<f32>()
+        .ok()
+        .filter(|f| (0.0..=1.0).contains(f))
+        .ok_or_else(|| format!("expected a number from 0 to 1, not {text:?}"))
 }
 
 fn parse_codec(name: &str) -> Result<Codec, String> {

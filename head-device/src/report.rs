@@ -39,10 +39,16 @@ pub enum Outcome {
         /// The boxes, best first.
         boxes: Vec<DetectedBox>,
     },
-    /// The frame failed, here or at the tail.
+    /// The frame failed, here or at the tail, or ended without a result (expired,
+    /// dropped).
     Failed {
         /// Why.
         error: Failure,
+    },
+    /// The frame was skipped on purpose (the scene gate).
+    Skipped {
+        /// Why.
+        skipped: Failure,
     },
 }
 
@@ -67,6 +73,8 @@ pub enum Status {
     Expired,
     /// Deliberately not processed (link down with the `drop` policy); `error` says why.
     Dropped,
+    /// Nearly identical to the last frame sent (the scene gate); `skipped` says how close.
+    Unchanged,
 }
 
 /// The report of one frame.
@@ -76,7 +84,7 @@ pub struct FrameReport {
     pub frame_id: u64,
     /// Where the frame came from.
     pub source: String,
-    /// `answered`, `failed`, `expired` or `dropped`.
+    /// `answered`, `failed`, `expired`, `dropped` or `unchanged`.
     pub status: Status,
     /// Where the result was computed: `split` (head here, tail on a server) or `local` (the
     /// full model on this device).
@@ -118,7 +126,7 @@ impl FrameReport {
     pub fn top1(&self) -> Option<&Score> {
         match &self.outcome {
             Outcome::Classified { top5 } => top5.first(),
-            Outcome::Detected { .. } | Outcome::Failed { .. } => None,
+            Outcome::Detected { .. } | Outcome::Failed { .. } | Outcome::Skipped { .. } => None,
         }
     }
 }

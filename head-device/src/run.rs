@@ -8,17 +8,19 @@
 //! a result, or a status with its reason.
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cleave_engine::Tensor;
+use cleave_engine::{Preprocessor, Tensor};
+use image::{DynamicImage, RgbImage};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::local::LocalModel;
 use crate::report::{Failure, FrameReport, Outcome, Status};
+use crate::scene_gate::{SceneGate, Verdict};
 use crate::session::{Delivery, Session};
-use crate::{HeadEncoder, HeadError, UplinkResult};
+use crate::sources::{Picture, SourceFrame};
+use crate::{EncodedFrame, HeadEncoder, HeadError, UplinkResult};
 
 /// What a run did, for the caller's exit status and summary line.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -33,6 +35,8 @@ pub struct RunSummary {
     pub expired: usize,
     /// Frames dropped on purpose.
     pub dropped: usize,
+    /// Frames the scene gate held back.
+    pub unchanged: usize,
     /// Coded bytes sent, all frames and all sends.
     pub bytes_sent: usize,
 }
@@ -64,6 +68,9 @@ pub struct RunOptions {
     pub deadline: Duration,
     /// What to do while no tail is reachable.
     pub on_link_down: LinkDownPolicy,
+    /// The scene gate's threshold (0 to 1), if frames nearly identical to the last one
+    /// sent are to be skipped.
+    pub scene_threshold: Option<f32>,
 }
 
 impl Default for RunOptions {
@@ -72,6 +79,7 @@ impl Default for RunOptions {
             max_pending: 8,
             deadline: Duration::from_secs(10),
             on_link_down: LinkDownPolicy::Wait,
+            scene_threshold: None,
         }
     }
 }
@@ -101,8 +109,9 @@ struct SentFrame {
     bytes: usize,
 }
 
-/// Encodes `files`, hands them to `session`, and gives each frame's report to `emit` in
-/// input order.
+/// Takes the frames of a source (see [`crate::sources::start`]), encodes them, hands them
+/// to `session`, and gives each frame's report to `emit` in source order, until the source
+/// ends.
 ///
 /// # Errors
 ///
@@ -111,7 +120,7 @@ struct SentFrame {
 pub async fn run_split(
     encoder: Arc<HeadEncoder>,
     session: &Session,
-    files: Vec<PathBuf>,
+    frames: mpsc::Receiver<SourceFrame>,
     options: &RunOptions,
     mut emit: impl FnMut(&FrameReport) -> std::io::Result<()>,
 ) -> Result<RunSummary, HeadError> {
@@ -120,7 +129,7 @@ pub async fn run_split(
     let producer = tokio::spawn(produce(
         encoder,
         session.clone(),
-        files,
+        frames,
         options.clone(),
         permits.clone(),
         pending_tx,
@@ -159,93 +168,198 @@ fn count(summary: &mut RunSummary, report: &FrameReport) {
         Status::Failed => summary.failed += 1,
         Status::Expired => summary.expired += 1,
         Status::Dropped => summary.dropped += 1,
+        Status::Unchanged => summary.unchanged += 1,
     }
     summary.bytes_sent += report.bytes_sent * report.sends.max(1) as usize;
 }
 
-/// Reads, encodes and submits every file in order; frames that need no uplink are finished
-/// here.
+/// What the blocking half of the producer made of a frame.
+enum Prepared {
+    /// The scene gate held it back.
+    Unchanged { change: f32, preprocess_ms: f64 },
+    /// Coded, ready for the uplink; the input is kept for the local fallback.
+    Encoded {
+        frame: EncodedFrame,
+        input: Option<Tensor>,
+    },
+    /// Run by the full model here.
+    Local(Result<(Outcome, f64), HeadError>),
+}
+
+/// Turns a source's picture into the model's cropped and resized RGB input.
+fn picture(encoder: &HeadEncoder, picture: Picture) -> Result<RgbImage, HeadError> {
+    let image = match picture {
+        Picture::File(path) => {
+            let bytes = std::fs::read(&path).map_err(|e| HeadError::Input {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            Preprocessor::decode(&bytes).map_err(|e| HeadError::Input {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?
+        }
+        Picture::Rgb(rgb) => DynamicImage::ImageRgb8(rgb),
+    };
+    Ok(encoder.preprocessor().crop_resize(&image))
+}
+
+/// Preprocess, gate, then encode or run locally: the per-frame work that blocks.
+fn prepare(
+    encoder: &HeadEncoder,
+    gate: Option<&Mutex<SceneGate>>,
+    source: Picture,
+    local: Option<&LocalModel>,
+    keep_input: bool,
+) -> Result<Prepared, HeadError> {
+    let read = Instant::now();
+    let rgb = picture(encoder, source)?;
+    if let Some(gate) = gate {
+        let verdict = gate
+            .lock()
+            .map_or(Verdict::Pass { change: None }, |mut g| g.check(&rgb));
+        if let Verdict::Unchanged { change } = verdict {
+            let preprocess_ms = read.elapsed().as_secs_f64() * 1e3;
+            return Ok(Prepared::Unchanged {
+                change,
+                preprocess_ms,
+            });
+        }
+    }
+    let input = encoder.preprocessor().tensor(&rgb);
+    let preprocess_ms = read.elapsed().as_secs_f64() * 1e3;
+    if let Some(local) = local {
+        return Ok(Prepared::Local(local.run(&input)));
+    }
+    let mut frame = encoder.encode_tensor(&input)?;
+    frame.preprocess_ms = preprocess_ms;
+    Ok(Prepared::Encoded {
+        frame,
+        input: keep_input.then_some(input),
+    })
+}
+
+/// Takes every frame of the source in order: expired, gated, dropped or run locally here,
+/// or encoded and handed to the session.
 async fn produce(
     encoder: Arc<HeadEncoder>,
     session: Session,
-    files: Vec<PathBuf>,
+    mut frames: mpsc::Receiver<SourceFrame>,
     options: RunOptions,
     permits: Arc<Semaphore>,
     pending: mpsc::UnboundedSender<Pending>,
 ) {
     let keep_input = matches!(options.on_link_down, LinkDownPolicy::Local(_));
-    for (frame_id, path) in (0u64..).zip(files) {
+    let gate = options
+        .scene_threshold
+        .map(|t| Arc::new(Mutex::new(SceneGate::new(t))));
+    for frame_id in 0u64.. {
         let Ok(permit) = permits.acquire().await else {
+            break;
+        };
+        let Some(frame) = frames.recv().await else {
             break;
         };
         // The consumer gives the permit back once the frame is reported.
         permit.forget();
-        let source = path.display().to_string();
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + options.deadline;
-        let down = session.is_down();
-        let item = match (&options.on_link_down, down) {
-            (LinkDownPolicy::Drop, true) => Pending::Done(Box::new(dropped(
+        let SourceFrame {
+            name: source,
+            picture,
+            captured,
+        } = frame;
+        let started = captured;
+        let deadline = tokio::time::Instant::from_std(captured + options.deadline);
+        let item = if deadline <= tokio::time::Instant::now() {
+            let waited = started.elapsed().as_secs_f64() * 1e3;
+            let mut report = failed(
                 frame_id,
                 source,
-                "the link is down and the policy is to drop".into(),
-            ))),
-            (LinkDownPolicy::Local(local), true) => {
-                let local = local.clone();
-                let encoder = encoder.clone();
-                let job = tokio::task::spawn_blocking(move || {
-                    let input = encoder.preprocessor().from_path(&path)?;
-                    local.run(&input)
-                });
-                Pending::Done(Box::new(local_report(
+                "expired",
+                format!("waited {waited:.0} ms for the pipeline, past its deadline; not processed"),
+            );
+            report.status = Status::Expired;
+            Pending::Done(Box::new(report))
+        } else if session.is_down() && matches!(options.on_link_down, LinkDownPolicy::Drop) {
+            Pending::Done(Box::new(dropped(
+                frame_id,
+                source,
+                format!("no tail reachable, frame dropped: {}", session.last_error()),
+            )))
+        } else {
+            let local = match &options.on_link_down {
+                LinkDownPolicy::Local(local) if session.is_down() => Some(local.clone()),
+                _ => None,
+            };
+            let (job_encoder, job_gate, job_local) = (encoder.clone(), gate.clone(), local.clone());
+            let job = tokio::task::spawn_blocking(move || {
+                prepare(
+                    &job_encoder,
+                    job_gate.as_deref(),
+                    picture,
+                    job_local.as_deref(),
+                    keep_input,
+                )
+            });
+            match job.await {
+                Ok(Ok(Prepared::Unchanged {
+                    change,
+                    preprocess_ms,
+                })) => {
+                    let mut report = blank(
+                        frame_id,
+                        source,
+                        Status::Unchanged,
+                        Outcome::Skipped {
+                            skipped: Failure {
+                                kind: "unchanged".into(),
+                                message: format!(
+                                    "changed {:.2} % from the last frame sent, under the \
+                                     scene gate's threshold",
+                                    change * 100.0
+                                ),
+                            },
+                        },
+                    );
+                    report.preprocess_ms = preprocess_ms;
+                    report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+                    Pending::Done(Box::new(report))
+                }
+                Ok(Ok(Prepared::Local(ran))) => Pending::Done(Box::new(local_report(
                     frame_id,
                     source,
                     started,
-                    job.await,
-                    "the link was down".into(),
-                )))
-            }
-            _ => {
-                let encoder = encoder.clone();
-                let job = tokio::task::spawn_blocking(move || {
-                    let read = Instant::now();
-                    let input = encoder.preprocessor().from_path(&path)?;
-                    let preprocess_ms = read.elapsed().as_secs_f64() * 1e3;
-                    let mut frame = encoder.encode_tensor(&input)?;
-                    frame.preprocess_ms = preprocess_ms;
-                    Ok::<_, HeadError>((frame, keep_input.then_some(input)))
-                });
-                match job.await {
-                    Ok(Ok((frame, input))) => {
-                        let bytes = frame.bytes.len();
-                        let coding = format!("{}, {}", frame.coding, frame.codec.name());
-                        let sent = Instant::now();
-                        let delivery = session.submit(frame_id, frame.bytes, deadline).await;
-                        Pending::Sent {
-                            frame: SentFrame {
-                                frame_id,
-                                source,
-                                started,
-                                sent,
-                                preprocess_ms: frame.preprocess_ms,
-                                head_ms: frame.head_ms,
-                                coding,
-                                bytes,
-                            },
-                            delivery,
-                            input,
-                        }
+                    Ok(ran),
+                    format!("the link was down: {}", session.last_error()),
+                ))),
+                Ok(Ok(Prepared::Encoded { frame, input })) => {
+                    let bytes = frame.bytes.len();
+                    let coding = format!("{}, {}", frame.coding, frame.codec.name());
+                    let sent = Instant::now();
+                    let delivery = session.submit(frame_id, frame.bytes, deadline).await;
+                    Pending::Sent {
+                        frame: SentFrame {
+                            frame_id,
+                            source,
+                            started,
+                            sent,
+                            preprocess_ms: frame.preprocess_ms,
+                            head_ms: frame.head_ms,
+                            coding,
+                            bytes,
+                        },
+                        delivery,
+                        input,
                     }
-                    Ok(Err(e)) => {
-                        Pending::Done(Box::new(failed(frame_id, source, failure_kind(&e), e)))
-                    }
-                    Err(join) => Pending::Done(Box::new(failed(
-                        frame_id,
-                        source,
-                        "input",
-                        format!("encoder panicked: {join}"),
-                    ))),
                 }
+                Ok(Err(e)) => {
+                    Pending::Done(Box::new(failed(frame_id, source, failure_kind(&e), e)))
+                }
+                Err(join) => Pending::Done(Box::new(failed(
+                    frame_id,
+                    source,
+                    "input",
+                    format!("encoder panicked: {join}"),
+                ))),
             }
         };
         if pending.send(item).is_err() {
@@ -315,6 +429,7 @@ impl SentFrame {
             Outcome::Failed { error } if error.kind == "deadline_exceeded" => Status::Expired,
             Outcome::Failed { .. } => Status::Failed,
             Outcome::Classified { .. } | Outcome::Detected { .. } => Status::Answered,
+            Outcome::Skipped { .. } => Status::Dropped,
         };
         FrameReport {
             frame_id: self.frame_id,

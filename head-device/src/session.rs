@@ -130,6 +130,8 @@ struct LinkState {
     up: AtomicBool,
     /// Every server failed in a row; the session is backing off.
     down: AtomicBool,
+    /// The last connection error.
+    last_error: std::sync::Mutex<String>,
 }
 
 /// The handle to a running session; dropping it (and every clone) lets the session finish
@@ -168,6 +170,15 @@ impl Session {
     /// session keeps probing). False while the first dial is still under way.
     pub fn is_down(&self) -> bool {
         self.state.down.load(Ordering::Relaxed)
+    }
+
+    /// The last connection error (which server, what happened), for reports.
+    pub fn last_error(&self) -> String {
+        self.state
+            .last_error
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default()
     }
 
     /// Hands a coded frame to the session; the receiver gets its one [`Delivery`]. Waits
@@ -510,6 +521,9 @@ impl Driver {
     fn set_down(&mut self, down: bool) {
         self.down = down;
         self.state.down.store(down, Ordering::Relaxed);
+        if let Ok(mut shown) = self.state.last_error.lock() {
+            shown.clone_from(&self.last_error);
+        }
     }
 
     /// With `fail_fast_when_down`, answers every waiting frame `LinkDown`.

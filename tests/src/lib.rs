@@ -162,6 +162,17 @@ impl TailProcess {
         self.child.wait().expect("cleave-tail exits")
     }
 
+    /// Freezes the process (SIGSTOP): connections stay open, the kernel still takes bytes,
+    /// nothing is answered.
+    pub fn pause(&mut self) {
+        #[cfg(unix)]
+        {
+            let _ = Command::new("kill")
+                .args(["-STOP", &self.child.id().to_string()])
+                .status();
+        }
+    }
+
     /// Kills the process at once (SIGKILL): no drain, connections reset.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -127,6 +127,10 @@ fn a_tail_killed_mid_stream_and_restarted_loses_no_frame() {
         &inputs,
     );
     head.wait_for_lines(6);
+    // Frozen first, so the head fills its window with frames nobody answers; then killed,
+    // so those frames are on a stream that resets.
+    tail.pause();
+    std::thread::sleep(Duration::from_secs(2));
     tail.kill();
     std::thread::sleep(Duration::from_millis(700));
     let _restarted = TailProcess::start_on(&bundle, &listen, &[]);

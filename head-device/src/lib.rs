@@ -16,6 +16,7 @@
 //! The head never imports the tail: the two share only `cleave-proto`.
 
 mod backoff;
+pub mod config_file;
 mod encoder;
 mod local;
 mod report;
@@ -23,6 +24,7 @@ mod run;
 pub mod scene_gate;
 mod session;
 pub mod sources;
+pub mod telemetry;
 mod uplink;
 
 pub use backoff::Backoff;

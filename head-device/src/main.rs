@@ -4,19 +4,20 @@
 //! there are none, bytes sent, and the head / uplink / tail / total milliseconds) and a
 //! summary on stderr.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use cleave_codec::Codec;
 use cleave_engine::{Backend, Bundle};
 use cleave_head::sources::{SourceFrame, SourceSpec};
 use cleave_head::{
     CodingPolicy, ConnectOptions, HeadEncoder, LinkDownPolicy, LocalModel, RunOptions, Session,
-    SessionConfig, run_split, sources, write_json_line,
+    SessionConfig, config_file, run_split, sources, telemetry, write_json_line,
 };
 use tokio::sync::mpsc;
 
@@ -24,6 +25,11 @@ use tokio::sync::mpsc;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Args {
+    /// TOML file of options: each key a long flag without its dashes (`deadline_ms = 500`,
+    /// `server = ["http://a:50051", "http://b:50051"]`, `learned_prior = true`); flags given
+    /// here override the file's. Unknown keys are errors.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Bundle folder (manifest.toml, head.onnx, ...); the tail must serve the same bundle.
     #[arg(long)]
     bundle: PathBuf,
@@ -102,22 +108,64 @@ struct Args {
     /// `ffmpeg -f rawvideo -pix_fmt rgb24 -` writes them) until it ends.
     #[arg(long, value_name = "WIDTHxHEIGHT", value_parser = parse_size, conflicts_with = "inputs")]
     stdin_raw: Option<(u32, u32)>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (frames by status and mode, bytes,
+    /// resends, latencies, link state); the bound address is printed on stderr.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Append the JSON lines to this file instead of stdout (created if missing; each line
+    /// is flushed as it is written, so a crash loses none that was reported).
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
     /// Image files (.jpg, .jpeg, .png) or folders of them, processed once, in order. One
     /// source is needed: these, --watch, --replay or --stdin-raw.
     #[arg(required_unless_present_any = ["watch", "replay", "stdin_raw"])]
     inputs: Vec<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+fn main() -> ExitCode {
+    // One async worker is plenty for one uplink; the models run on blocking threads, and a
+    // small cap on those keeps threads (and their malloc arenas) from piling up on a board
+    // with 1 GB. Four: a source that blocks (stdin), the encoder, and local runs.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(4)
+        .enable_all()
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(daemon()),
+        Err(error) => {
+            eprintln!("cleave-head: cannot start the async runtime: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn daemon() -> ExitCode {
+    // RUST_LOG as `level` or `target=level,...` (no regexes: they would cost the edge
+    // binary a megabyte); warnings by default.
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::WARN)
+        });
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with(filter)
         .init();
-    match run(Args::parse()).await {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(error) => {
+            eprintln!("cleave-head: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args).await {
         Ok(code) => code,
         Err(error) => {
             eprintln!("cleave-head: {error:#}");
@@ -177,10 +225,39 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         on_link_down,
         scene_threshold: args.scene_threshold,
     };
+    let mut out: Box<dyn std::io::Write + Send> = match &args.output {
+        Some(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening --output {}", path.display()))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let bound = telemetry::serve(addr)
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?;
+            eprintln!("cleave-head: metrics on http://{bound}/metrics");
+            let watched = session.clone();
+            tokio::spawn(async move {
+                loop {
+                    telemetry::link(watched.is_up(), watched.is_down());
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+            true
+        }
+        None => false,
+    };
     let frames = until_stopped(sources::start(spec, 2)?);
-    let stdout = std::io::stdout();
     let summary = run_split(encoder, &session, frames, &options, |report| {
-        write_json_line(&mut stdout.lock(), report)
+        if metrics {
+            telemetry::record(report);
+        }
+        write_json_line(&mut out, report)
     })
     .await?;
     eprintln!(
@@ -199,6 +276,54 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The flags, over the `--config` file's options if one is named.
+fn parse_args() -> anyhow::Result<Args> {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let given: Vec<String> = argv
+        .iter()
+        .skip(1)
+        .filter_map(|a| a.to_str())
+        .filter(|a| a.starts_with("--"))
+        .map(|a| a.split('=').next().unwrap_or(a).to_string())
+        .collect();
+    let config = argv.iter().enumerate().find_map(|(i, a)| {
+        let a = a.to_str()?;
+        match a.strip_prefix("--config=") {
+            Some(path) => Some(PathBuf::from(path)),
+            None if a == "--config" => argv.get(i + 1).map(PathBuf::from),
+            None => None,
+        }
+    });
+    let Some(path) = config else {
+        return Ok(Args::parse_from(argv));
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading --config {}", path.display()))?;
+    let command = Args::command();
+    let (mut known, mut switches) = (Vec::new(), Vec::new());
+    for arg in command.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        if matches!(long, "config" | "help" | "version") {
+            continue;
+        }
+        if arg.get_action().takes_values() {
+            known.push(long.to_string());
+        } else {
+            switches.push(long.to_string());
+        }
+    }
+    let from_file = config_file::to_args(&path.display().to_string(), &text, &known, &switches)
+        .map_err(anyhow::Error::msg)?;
+    let mut merged: Vec<OsString> = argv.iter().take(1).cloned().collect();
+    // A flag on the command line replaces the file's key entirely (a repeated --server too).
+    for (flag, value) in from_file.into_iter().filter(|(f, _)| !given.contains(f)) {
+        merged.push(flag.into());
+        merged.extend(value.map(OsString::from));
+    }
+    merged.extend(argv.iter().skip(1).cloned());
+    Ok(Args::parse_from(merged))
 }
 
 /// Passes the source's frames on until SIGTERM or Ctrl-C; then no more are taken, and the

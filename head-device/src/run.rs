@@ -267,8 +267,8 @@ async fn produce(
             picture,
             captured,
         } = frame;
-        let started = captured;
-        let deadline = tokio::time::Instant::from_std(captured + options.deadline);
+        let started = captured.unwrap_or_else(Instant::now);
+        let deadline = tokio::time::Instant::from_std(started + options.deadline);
         let item = if deadline <= tokio::time::Instant::now() {
             let waited = started.elapsed().as_secs_f64() * 1e3;
             let mut report = failed(
@@ -536,13 +536,15 @@ fn blank(frame_id: u64, source: String, status: Status, outcome: Outcome) -> Fra
     }
 }
 
-/// Writes a report as one JSON line.
+/// Writes a report as one JSON line and flushes it.
 ///
 /// # Errors
 ///
 /// The writer's error.
 pub fn write_json_line(out: &mut impl Write, report: &FrameReport) -> std::io::Result<()> {
-    serde_json::to_writer(&mut *out, report)?;
-    out.write_all(b"\n")?;
+    // One write per line: an appended file never holds half a line from this process.
+    let mut line = serde_json::to_vec(report).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    out.write_all(&line)?;
     out.flush()
 }

@@ -2,8 +2,8 @@
 //! frames on stdin, and a replay of a folder at a fixed frame rate.
 //!
 //! Every source runs as its own task and hands [`SourceFrame`]s to the pipeline over a
-//! bounded channel, each stamped with the moment it was captured: a frame's deadline counts
-//! from then, so a replay or a camera that the pipeline cannot keep up with shows up as
+//! bounded channel. A live source stamps each with the moment it was captured, and the
+//! frame's deadline counts from then, so a replay or a camera that the pipeline cannot keep up with shows up as
 //! expired frames, not as a clock that silently slows down. File sources simply wait for
 //! room (nothing is lost by reading a file later). A source that ends closes the channel;
 //! a watched folder never ends on its own.
@@ -37,8 +37,10 @@ pub struct SourceFrame {
     pub name: String,
     /// The picture.
     pub picture: Picture,
-    /// When it was captured (read, or due, for a replay).
-    pub captured: Instant,
+    /// When it was captured: read from stdin, seen in a watched folder, or due, for a
+    /// replay. `None` for files given on the command line, which have no moment: their
+    /// deadline counts from when the pipeline takes them.
+    pub captured: Option<Instant>,
 }
 
 /// What to read frames from.
@@ -88,7 +90,11 @@ pub fn start(spec: SourceSpec, buffer: usize) -> Result<mpsc::Receiver<SourceFra
             let files = expand_inputs(&inputs)?;
             tokio::spawn(async move {
                 for path in files {
-                    if tx.send(file_frame(path)).await.is_err() {
+                    let frame = SourceFrame {
+                        captured: None,
+                        ..file_frame(path)
+                    };
+                    if tx.send(frame).await.is_err() {
                         break;
                     }
                 }
@@ -129,7 +135,7 @@ fn file_frame(path: PathBuf) -> SourceFrame {
     SourceFrame {
         name: path.display().to_string(),
         picture: Picture::File(path),
-        captured: Instant::now(),
+        captured: Some(Instant::now()),
     }
 }
 
@@ -259,7 +265,7 @@ async fn replay(files: Vec<PathBuf>, fps: f64, loops: u32, tx: mpsc::Sender<Sour
                 name: path.display().to_string(),
                 picture: Picture::File(path.clone()),
                 // Captured when due: if the pipeline held the source back, the frame is late.
-                captured: due.into_std(),
+                captured: Some(due.into_std()),
             };
             if tx.send(frame).await.is_err() {
                 return;
@@ -296,7 +302,7 @@ fn read_raw(mut input: impl Read, width: u32, height: u32, tx: &mpsc::Sender<Sou
         let frame = SourceFrame {
             name: format!("stdin#{n}"),
             picture: Picture::Rgb(image),
-            captured: Instant::now(),
+            captured: Some(Instant::now()),
         };
         if tx.blocking_send(frame).is_err() {
             return;
@@ -400,7 +406,7 @@ mod tests {
             frames.push(frame);
         }
         assert_eq!(frames.len(), 4);
-        let gap = frames[3].captured - frames[0].captured;
+        let gap = frames[3].captured.unwrap() - frames[0].captured.unwrap();
         // Due times, not arrival times: exactly three intervals apart.
         assert!((gap.as_secs_f64() - 0.06).abs() < 1e-3, "{gap:?}");
         std::fs::remove_dir_all(&dir).unwrap();

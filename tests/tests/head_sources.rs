@@ -3,23 +3,42 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use cleave_tests::{TailProcess, TempDir, binary, default_bundle, sample_files};
+use cleave_tests::{TailProcess, TempDir, binary, default_bundle, http_get, sample_files};
 use serde_json::Value;
 
-fn head(flags: &[&str], stdin: Stdio) -> (Child, mpsc::Receiver<Value>) {
+/// Starts the head; its JSON lines arrive on the receiver. Its stderr is passed through,
+/// and the address it prints for `--metrics-listen` goes to `metrics`.
+fn head_with_metrics(
+    flags: &[&str],
+    stdin: Stdio,
+    metrics: mpsc::Sender<SocketAddr>,
+) -> (Child, mpsc::Receiver<Value>) {
     let mut child = Command::new(binary("cleave-head"))
         .arg("--bundle")
         .arg(default_bundle())
         .args(flags)
         .stdin(stdin)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            if let Some(addr) = line
+                .strip_prefix("cleave-head: metrics on http://")
+                .and_then(|a| a.strip_suffix("/metrics"))
+            {
+                let _ = metrics.send(addr.parse().unwrap());
+            }
+        }
+    });
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -33,6 +52,10 @@ fn head(flags: &[&str], stdin: Stdio) -> (Child, mpsc::Receiver<Value>) {
         }
     });
     (child, rx)
+}
+
+fn head(flags: &[&str], stdin: Stdio) -> (Child, mpsc::Receiver<Value>) {
+    head_with_metrics(flags, stdin, mpsc::channel().0)
 }
 
 fn next(lines: &mpsc::Receiver<Value>) -> Value {
@@ -53,7 +76,11 @@ fn raw_frame(index: usize) -> Vec<u8> {
 #[test]
 fn raw_frames_on_stdin_pass_the_scene_gate_only_when_the_scene_changes() {
     let tail = TailProcess::start(&default_bundle());
-    let (mut child, lines) = head(
+    let dir = TempDir::new("output");
+    let output = dir.path().join("frames.jsonl");
+    // A line from an earlier run: --output appends.
+    std::fs::write(&output, "{\"earlier\": true}\n").unwrap();
+    let (mut child, stdout_lines) = head(
         &[
             "--server",
             &tail.url(),
@@ -61,6 +88,8 @@ fn raw_frames_on_stdin_pass_the_scene_gate_only_when_the_scene_changes() {
             "320x240",
             "--scene-threshold",
             "0.02",
+            "--output",
+            &output.display().to_string(),
         ],
         Stdio::piped(),
     );
@@ -71,7 +100,16 @@ fn raw_frames_on_stdin_pass_the_scene_gate_only_when_the_scene_changes() {
     }
     drop(stdin);
     let status = child.wait().unwrap();
-    let lines: Vec<Value> = lines.iter().collect();
+    assert!(
+        stdout_lines.iter().next().is_none(),
+        "lines go to --output, not stdout"
+    );
+    let written = std::fs::read_to_string(&output).unwrap();
+    let mut lines: Vec<Value> = written
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.remove(0)["earlier"], true, "{written}");
     let statuses: Vec<&str> = lines
         .iter()
         .map(|l| l["status"].as_str().unwrap())
@@ -98,7 +136,8 @@ fn raw_frames_on_stdin_pass_the_scene_gate_only_when_the_scene_changes() {
 fn a_watched_folder_is_served_as_files_appear_and_sigterm_ends_the_daemon_cleanly() {
     let tail = TailProcess::start(&default_bundle());
     let dir = TempDir::new("watch");
-    let (mut child, lines) = head(
+    let (metrics_tx, metrics_addr) = mpsc::channel();
+    let (mut child, lines) = head_with_metrics(
         &[
             "--server",
             &tail.url(),
@@ -106,9 +145,13 @@ fn a_watched_folder_is_served_as_files_appear_and_sigterm_ends_the_daemon_cleanl
             &dir.path().display().to_string(),
             "--watch-poll-ms",
             "50",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ],
         Stdio::null(),
+        metrics_tx,
     );
+    let metrics_addr = metrics_addr.recv_timeout(Duration::from_secs(60)).unwrap();
     let samples = sample_files();
     for (i, sample) in samples.iter().take(3).enumerate() {
         // Written under another name, then renamed: the way cameras and rsync deliver.
@@ -125,8 +168,30 @@ fn a_watched_folder_is_served_as_files_appear_and_sigterm_ends_the_daemon_cleanl
             "{line}"
         );
     }
-    // Still running, waiting for more.
+    // Still running, waiting for more; its metrics say what happened.
     assert!(child.try_wait().unwrap().is_none());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, text) = runtime
+        .block_on(http_get(metrics_addr, "/metrics"))
+        .unwrap();
+    assert_eq!(status, 200, "{text}");
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    assert_eq!(
+        value(r#"cleave_head_frames_total{status="answered",mode="split"}"#),
+        3.0
+    );
+    assert!(value("cleave_head_sent_bytes_total") > 3000.0);
+    assert_eq!(
+        value("cleave_head_frame_duration_seconds_count{mode=\"split\"}"),
+        3.0
+    );
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -137,4 +202,78 @@ fn a_watched_folder_is_served_as_files_appear_and_sigterm_ends_the_daemon_cleanl
         "SIGTERM ends the daemon cleanly: {status:?}"
     );
     assert!(lines.try_recv().is_err(), "no frame reported twice");
+}
+
+#[test]
+fn a_config_file_sets_options_flags_override_it_and_typos_are_refused() {
+    let dir = TempDir::new("config");
+    let config = dir.path().join("head.toml");
+    let dead = format!(
+        "http://{}",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "server = [\"{dead}\"]\non_link_down = \"drop\"\nreplay = \"{}\"\nfps = 50\nloops = 1\n",
+            cleave_tests::samples().display()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let run = |extra: &[&str]| {
+        let output = Command::new(binary("cleave-head"))
+            .arg("--bundle")
+            .arg(default_bundle())
+            .args(["--config", &config])
+            .args(extra)
+            .output()
+            .unwrap();
+        let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (
+            output.status.code(),
+            lines,
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let samples = sample_files().len();
+
+    let (code, lines, stderr) = run(&[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(lines.len(), samples);
+    assert!(
+        lines.iter().all(|l| l["status"] == "dropped"),
+        "the file's policy: {lines:?}"
+    );
+
+    let (code, lines, stderr) = run(&["--on-link-down", "local"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["mode"] == "local" && l["status"] == "answered"),
+        "the flag's policy: {lines:?}"
+    );
+
+    std::fs::write(dir.path().join("typo.toml"), "dedline_ms = 5\n").unwrap();
+    let output = Command::new(binary("cleave-head"))
+        .arg("--bundle")
+        .arg(default_bundle())
+        .arg("--config")
+        .arg(dir.path().join("typo.toml"))
+        .arg("x.jpg")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("typo.toml") && stderr.contains("`dedline_ms`"),
+        "{stderr}"
+    );
 }

@@ -28,8 +28,7 @@ use cleave_proto::inference::grpc_inference_service_client::GrpcInferenceService
 use cleave_proto::inference::model_infer_request::InferInputTensor;
 use cleave_proto::v1::split_client::SplitClient;
 use cleave_proto::v1::{FeatureFrame, frame_error, frame_result};
-use cleave_tests::{TailProcess, TempDir, default_bundle, repo_root, sample_files};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use cleave_tests::{TailProcess, TempDir, default_bundle, http_get, repo_root, sample_files};
 use tokio::sync::{Barrier, watch};
 use tonic::transport::Channel;
 
@@ -265,22 +264,6 @@ fn start_tail() -> TailProcess {
             "30",
         ],
     )
-}
-
-/// A plain HTTP/1.1 GET: `(status, body)`, or `None` if the connection fails.
-async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    Some((status, body))
 }
 
 /// The value of a tail's metric `name` for the model (0 before it is first counted).

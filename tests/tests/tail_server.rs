@@ -22,8 +22,8 @@ use cleave_proto::inference::{
 use cleave_proto::v1::split_client::SplitClient;
 use cleave_proto::v1::{FeatureFrame, FrameResult, NegotiateRequest, frame_error, frame_result};
 use cleave_tail::{ServingTail, TailConfig, TailServer};
-use cleave_tests::{TailProcess, bundle_variant, default_bundle, sample_files};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use cleave_tests::{TailProcess, bundle_variant, default_bundle, http_get, sample_files};
+use tokio::io::AsyncWriteExt;
 use tonic::transport::Channel;
 
 const MODEL: &str = "efficientnet-lite0-split";
@@ -68,26 +68,6 @@ fn top1(result: &FrameResult) -> u32 {
         Some(frame_result::Outcome::Classification(c)) => c.top[0].index,
         other => panic!("frame {} not classified: {other:?}", result.frame_id),
     }
-}
-
-/// A plain HTTP/1.1 GET: (status, body).
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    (status, body)
 }
 
 /// Sends `frames` on one stream with the bundle's id and collects every result.
@@ -401,8 +381,8 @@ async fn http_probes_and_prometheus_metrics_count_what_happened() {
     config.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     let tail = start(config).await;
     let http = tail.http.unwrap();
-    assert_eq!(http_get(http, "/healthz").await.0, 200);
-    assert_eq!(http_get(http, "/readyz").await.0, 200);
+    assert_eq!(http_get(http, "/healthz").await.unwrap().0, 200);
+    assert_eq!(http_get(http, "/readyz").await.unwrap().0, 200);
 
     let bundle = Bundle::open(default_bundle()).unwrap();
     let mut sent = frames(&default_bundle(), 4);
@@ -410,7 +390,7 @@ async fn http_probes_and_prometheus_metrics_count_what_happened() {
     let results = stream_all(tail.grpc, &bundle.id().to_string(), &sent).await;
     assert_eq!(results.len(), 5);
 
-    let (status, text) = http_get(http, "/metrics").await;
+    let (status, text) = http_get(http, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     let model = format!("model=\"{MODEL}\"");
     // Every series of ours carries the model label (other tests in this process serve other
@@ -567,7 +547,7 @@ async fn sigterm_turns_unready_finishes_in_flight_frames_and_exits_in_time() {
         ],
     );
     let http = tail.http.expect("the tail prints its HTTP address");
-    assert_eq!(http_get(http, "/readyz").await.0, 200);
+    assert_eq!(http_get(http, "/readyz").await.unwrap().0, 200);
 
     let mut client = SplitClient::new(channel(tail.addr).await);
     let (tx, rx) = tokio::sync::mpsc::channel::<FeatureFrame>(16);
@@ -601,7 +581,7 @@ async fn sigterm_turns_unready_finishes_in_flight_frames_and_exits_in_time() {
     // Readiness drops at once, so a balancer stops sending work.
     let mut unready = false;
     for _ in 0..50 {
-        match http_get_maybe(http, "/readyz").await {
+        match http_get(http, "/readyz").await.map(|(status, _)| status) {
             Some(503) | None => {
                 unready = true;
                 break;
@@ -638,15 +618,6 @@ async fn sigterm_turns_unready_finishes_in_flight_frames_and_exits_in_time() {
     );
     // And nothing listens any more.
     assert!(tokio::net::TcpStream::connect(tail.addr).await.is_err());
-}
-
-async fn http_get_maybe(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.ok()?;
-    text.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// NVIDIA's own client against the server: `tests/kserve/client_check.py` run by the Python

@@ -1,6 +1,6 @@
 //! Support for Cleave's end-to-end tests: the repository's paths, the built binaries, a
-//! `cleave-tail` process on an ephemeral port, a byte-counting TCP relay, and bundle copies
-//! with one thing changed.
+//! `cleave-tail` process on an ephemeral port, a `cleave-head` process read line by line, a
+//! byte-counting TCP relay, and bundle copies with one thing changed.
 //!
 //! The tests themselves live in `tests/`; everything here is plumbing they share.
 
@@ -13,6 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+mod head_process;
+
+pub use head_process::HeadProcess;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {

@@ -2,67 +2,13 @@
 //! real tail: raw frames on stdin, a watched folder that files appear in, and SIGTERM.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::io::Write;
+use std::process::{Command, Stdio};
 
-use cleave_tests::{TailProcess, TempDir, binary, default_bundle, http_get, sample_files};
+use cleave_tests::{
+    HeadProcess, TailProcess, TempDir, binary, default_bundle, http_get, sample_files,
+};
 use serde_json::Value;
-
-/// Starts the head; its JSON lines arrive on the receiver. Its stderr is passed through,
-/// and the address it prints for `--metrics-listen` goes to `metrics`.
-fn head_with_metrics(
-    flags: &[&str],
-    stdin: Stdio,
-    metrics: mpsc::Sender<SocketAddr>,
-) -> (Child, mpsc::Receiver<Value>) {
-    let mut child = Command::new(binary("cleave-head"))
-        .arg("--bundle")
-        .arg(default_bundle())
-        .args(flags)
-        .stdin(stdin)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("{line}");
-            if let Some(addr) = line
-                .strip_prefix("cleave-head: metrics on http://")
-                .and_then(|a| a.strip_suffix("/metrics"))
-            {
-                let _ = metrics.send(addr.parse().unwrap());
-            }
-        }
-    });
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx
-                .send(serde_json::from_str::<Value>(&line).unwrap())
-                .is_err()
-            {
-                break;
-            }
-        }
-    });
-    (child, rx)
-}
-
-fn head(flags: &[&str], stdin: Stdio) -> (Child, mpsc::Receiver<Value>) {
-    head_with_metrics(flags, stdin, mpsc::channel().0)
-}
-
-fn next(lines: &mpsc::Receiver<Value>) -> Value {
-    lines
-        .recv_timeout(Duration::from_secs(120))
-        .expect("a line within 120 s")
-}
 
 /// A sample photograph as raw RGB, 320×240.
 fn raw_frame(index: usize) -> Vec<u8> {
@@ -80,7 +26,7 @@ fn raw_frames_on_stdin_pass_the_scene_gate_only_when_the_scene_changes() {
     let output = dir.path().join("frames.jsonl");
     // A line from an earlier run: --output appends.
     std::fs::write(&output, "{\"earlier\": true}\n").unwrap();
-    let (mut child, stdout_lines) = head(
+    let mut head = HeadProcess::start(
         &[
             "--server",
             &tail.url(),
@@ -91,19 +37,17 @@ fn raw_frames_on_stdin_pass_the_scene_gate_only_when_the_scene_changes() {
             "--output",
             &output.display().to_string(),
         ],
+        &[],
         Stdio::piped(),
     );
-    let mut stdin = child.stdin.take().unwrap();
+    let mut stdin = head.take_stdin();
     let (cat, rocket) = (raw_frame(1), raw_frame(5));
     for frame in [&cat, &cat, &rocket, &rocket, &cat] {
         stdin.write_all(frame).unwrap();
     }
     drop(stdin);
-    let status = child.wait().unwrap();
-    assert!(
-        stdout_lines.iter().next().is_none(),
-        "lines go to --output, not stdout"
-    );
+    let (code, stdout_lines) = head.finish();
+    assert!(stdout_lines.is_empty(), "lines go to --output, not stdout");
     let written = std::fs::read_to_string(&output).unwrap();
     let mut lines: Vec<Value> = written
         .lines()
@@ -129,15 +73,14 @@ fn raw_frames_on_stdin_pass_the_scene_gate_only_when_the_scene_changes() {
         lines[0]["top5"][0], lines[4]["top5"][0],
         "the same picture, the same class"
     );
-    assert!(status.success(), "{status:?}");
+    assert_eq!(code, Some(0));
 }
 
 #[test]
 fn a_watched_folder_is_served_as_files_appear_and_sigterm_ends_the_daemon_cleanly() {
     let tail = TailProcess::start(&default_bundle());
     let dir = TempDir::new("watch");
-    let (metrics_tx, metrics_addr) = mpsc::channel();
-    let (mut child, lines) = head_with_metrics(
+    let mut head = HeadProcess::start(
         &[
             "--server",
             &tail.url(),
@@ -148,17 +91,17 @@ fn a_watched_folder_is_served_as_files_appear_and_sigterm_ends_the_daemon_cleanl
             "--metrics-listen",
             "127.0.0.1:0",
         ],
+        &[],
         Stdio::null(),
-        metrics_tx,
     );
-    let metrics_addr = metrics_addr.recv_timeout(Duration::from_secs(60)).unwrap();
+    let metrics_addr = head.metrics_addr();
     let samples = sample_files();
     for (i, sample) in samples.iter().take(3).enumerate() {
         // Written under another name, then renamed: the way cameras and rsync deliver.
         let part = dir.path().join(format!("{i}.part"));
         std::fs::copy(sample, &part).unwrap();
         std::fs::rename(&part, dir.path().join(format!("frame-{i}.jpg"))).unwrap();
-        let line = next(&lines);
+        let line = head.next_line();
         assert_eq!(line["status"], "answered", "{line}");
         assert!(
             line["source"]
@@ -169,7 +112,7 @@ fn a_watched_folder_is_served_as_files_appear_and_sigterm_ends_the_daemon_cleanl
         );
     }
     // Still running, waiting for more; its metrics say what happened.
-    assert!(child.try_wait().unwrap().is_none());
+    assert!(head.is_running());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -192,16 +135,10 @@ fn a_watched_folder_is_served_as_files_appear_and_sigterm_ends_the_daemon_cleanl
         value("cleave_head_frame_duration_seconds_count{mode=\"split\"}"),
         3.0
     );
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
-    assert!(
-        status.success(),
-        "SIGTERM ends the daemon cleanly: {status:?}"
-    );
-    assert!(lines.try_recv().is_err(), "no frame reported twice");
+    head.signal_term();
+    let (code, lines) = head.finish();
+    assert_eq!(code, Some(0), "SIGTERM ends the daemon cleanly");
+    assert_eq!(lines.len(), 3, "no frame reported twice: {lines:?}");
 }
 
 #[test]

@@ -7,12 +7,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use cleave_bench::link::{LinkEmulator, LinkProfile, OutageMode, Shaping};
-use cleave_tests::{TailProcess, binary, default_bundle, samples};
+use cleave_tests::{HeadProcess, TailProcess, default_bundle, samples};
 use serde_json::Value;
 
 /// Replays the samples through `link` with `flags`; `outage` runs (on the test's runtime)
@@ -22,31 +21,31 @@ async fn replay_through(
     flags: &[&str],
     outage: impl std::future::Future<Output = ()>,
 ) -> Vec<Value> {
-    let mut child = Command::new(binary("cleave-head"))
-        .arg("--bundle")
-        .arg(default_bundle())
-        .args(["--server", &format!("http://{}", link.local_addr())])
-        .args(["--replay", &samples().display().to_string()])
-        .args(["--fps", "4", "--loops", "5", "--on-link-down", "local"])
-        .args(["--reconnect-max-ms", "400", "--deadline-ms", "60000"])
-        .args(flags)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let reader = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap())
-            .collect::<Vec<_>>()
-    });
+    let server = format!("http://{}", link.local_addr());
+    let samples = samples().display().to_string();
+    let mut all = vec![
+        "--server",
+        &server,
+        "--replay",
+        &samples,
+        "--fps",
+        "4",
+        "--loops",
+        "5",
+        "--on-link-down",
+        "local",
+        "--reconnect-max-ms",
+        "400",
+        "--deadline-ms",
+        "60000",
+    ];
+    all.extend_from_slice(flags);
+    let head = HeadProcess::start(&all, &[], Stdio::null());
     outage.await;
-    let lines = reader.await.unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+    let (code, lines) = tokio::task::spawn_blocking(move || head.finish())
         .await
         .unwrap();
-    assert!(status.success(), "{status:?}");
+    assert_eq!(code, Some(0));
     lines
 }
 

@@ -6,15 +6,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Stdio;
 use std::time::Duration;
 
 use cleave_engine::{Backend, Bundle, Preprocessor, Role, Tensor, top_k};
-use cleave_tests::{TailProcess, binary, default_bundle, sample_files};
+use cleave_tests::{HeadProcess, TailProcess, default_bundle, sample_files};
 use serde_json::Value;
 
 /// `copies` passes over the sample photographs: enough frames to kill a tail in the middle.
@@ -30,62 +28,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A running `cleave-head` whose JSON lines arrive on a channel as they are printed.
-struct Head {
-    child: Child,
-    lines: mpsc::Receiver<Value>,
-    seen: Vec<Value>,
-}
-
-impl Head {
-    fn start(flags: &[&str], inputs: &[PathBuf]) -> Self {
-        let mut child = Command::new(binary("cleave-head"))
-            .arg("--bundle")
-            .arg(default_bundle())
-            .args(flags)
-            .args(inputs)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let value: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
-                if tx.send(value).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits until `n` lines have been printed in all.
-    fn wait_for_lines(&mut self, n: usize) {
-        while self.seen.len() < n {
-            let line = self
-                .lines
-                .recv_timeout(Duration::from_secs(120))
-                .unwrap_or_else(|_| panic!("only {} lines after 120 s", self.seen.len()));
-            self.seen.push(line);
-        }
-    }
-
-    /// Waits for the head to exit; returns its exit code and every line it printed.
-    fn finish(mut self) -> (Option<i32>, Vec<Value>) {
-        let status = self.child.wait().unwrap();
-        self.seen.extend(self.lines.iter());
-        (status.code(), self.seen)
-    }
 }
 
 /// Every frame id from 0 to `n - 1` has exactly one line.
@@ -113,7 +55,7 @@ fn a_tail_killed_mid_stream_and_restarted_loses_no_frame() {
     let mut tail = TailProcess::start_on(&bundle, &listen, &[]);
     let inputs = inputs(8);
     let server = format!("http://{listen}");
-    let mut head = Head::start(
+    let mut head = HeadProcess::start(
         &[
             "--server",
             &server,
@@ -125,6 +67,7 @@ fn a_tail_killed_mid_stream_and_restarted_loses_no_frame() {
             "60000",
         ],
         &inputs,
+        Stdio::null(),
     );
     head.wait_for_lines(6);
     // Frozen first, so the head fills its window with frames nobody answers; then killed,
@@ -167,7 +110,7 @@ fn when_one_of_two_tails_dies_the_head_fails_over_to_the_other() {
     let mut first = TailProcess::start(&bundle);
     let second = TailProcess::start(&bundle);
     let inputs = inputs(6);
-    let mut head = Head::start(
+    let mut head = HeadProcess::start(
         &[
             "--server",
             &first.url(),
@@ -177,6 +120,7 @@ fn when_one_of_two_tails_dies_the_head_fails_over_to_the_other() {
             "60000",
         ],
         &inputs,
+        Stdio::null(),
     );
     head.wait_for_lines(4);
     first.kill();
@@ -204,7 +148,7 @@ fn when_one_of_two_tails_dies_the_head_fails_over_to_the_other() {
 fn with_no_tail(policy: &str, deadline_ms: &str) -> (Option<i32>, Vec<Value>, String) {
     let server = format!("http://127.0.0.1:{}", free_port());
     let inputs = sample_files();
-    let head = Head::start(
+    let head = HeadProcess::start(
         &[
             "--server",
             &server,
@@ -216,6 +160,7 @@ fn with_no_tail(policy: &str, deadline_ms: &str) -> (Option<i32>, Vec<Value>, St
             "200",
         ],
         &inputs,
+        Stdio::null(),
     );
     let (code, lines) = head.finish();
     assert_each_frame_once(&lines, inputs.len());

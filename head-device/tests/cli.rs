@@ -17,7 +17,28 @@ fn help_documents_every_option() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for option in ["--bundle", "--server", "--backend", "--window", "INPUTS"] {
+    for option in [
+        "--config",
+        "--bundle",
+        "--server",
+        "--backend",
+        "--window",
+        "--max-pending",
+        "--deadline-ms",
+        "--on-link-down",
+        "--connect-timeout-ms",
+        "--keepalive-ms",
+        "--reconnect-max-ms",
+        "--scene-threshold",
+        "--watch",
+        "--replay",
+        "--fps",
+        "--loops",
+        "--stdin-raw",
+        "--metrics-listen",
+        "--output",
+        "INPUTS",
+    ] {
         assert!(help.contains(option), "--help lacks {option}:\n{help}");
     }
 }

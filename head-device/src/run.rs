@@ -269,6 +269,8 @@ async fn produce(
         } = frame;
         let started = captured.unwrap_or_else(Instant::now);
         let deadline = tokio::time::Instant::from_std(started + options.deadline);
+        // One reading of the link per frame, so the drop and local decisions agree.
+        let down = session.is_down();
         let item = if deadline <= tokio::time::Instant::now() {
             let waited = started.elapsed().as_secs_f64() * 1e3;
             let mut report = failed(
@@ -279,7 +281,7 @@ async fn produce(
             );
             report.status = Status::Expired;
             Pending::Done(Box::new(report))
-        } else if session.is_down() && matches!(options.on_link_down, LinkDownPolicy::Drop) {
+        } else if down && matches!(options.on_link_down, LinkDownPolicy::Drop) {
             Pending::Done(Box::new(dropped(
                 frame_id,
                 source,
@@ -287,7 +289,7 @@ async fn produce(
             )))
         } else {
             let local = match &options.on_link_down {
-                LinkDownPolicy::Local(local) if session.is_down() => Some(local.clone()),
+                LinkDownPolicy::Local(local) if down => Some(local.clone()),
                 _ => None,
             };
             let (job_encoder, job_gate, job_local) = (encoder.clone(), gate.clone(), local.clone());

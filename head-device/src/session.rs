@@ -344,6 +344,10 @@ impl Driver {
     /// Answers `Expired` to every waiting frame past its deadline.
     fn expire_waiting(&mut self) {
         let now = Instant::now();
+        // Runs on every event: describe the link only when a frame is actually due.
+        if self.waiting.iter().all(|job| job.deadline > now) {
+            return;
+        }
         let why = self.link_state();
         self.waiting.retain_mut(|job| {
             if job.deadline > now {

@@ -1,4 +1,8 @@
 //! Opening a bundle folder: parse, verify, and hand out its models.
+//!
+//! The three roles (`full`, `head`, `tail`) are in every bundle; the prefilter is optional, so
+//! it is not a [`Role`] but has its own accessors ([`Bundle::prefilter_spec`],
+//! [`Bundle::load_prefilter`]), which say `None` for a bundle without one.
 
 use std::path::{Path, PathBuf};
 
@@ -7,7 +11,7 @@ use sha2::{Digest, Sha256};
 use cleave_codec::{CodingTables, LevelRanges};
 
 use crate::backend::{Backend, LoadOptions, Model};
-use crate::manifest::{Manifest, ModelFile, Task};
+use crate::manifest::{Manifest, ModelFile, PrefilterSpec, Task};
 use crate::{BundleId, EngineError};
 
 /// Manifest format version this build reads.
@@ -81,10 +85,14 @@ impl Bundle {
         }
         validate(&manifest).map_err(bad)?;
         for file in [
-            &manifest.models.full,
-            &manifest.models.head,
-            &manifest.models.tail,
-        ] {
+            Some(&manifest.models.full),
+            Some(&manifest.models.head),
+            Some(&manifest.models.tail),
+            manifest.models.prefilter.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
             verify_file(&dir, &file.path, &file.sha256)?;
         }
         let tables = coding_tables(&dir, &manifest)?;
@@ -139,6 +147,52 @@ impl Bundle {
             Role::Head => &self.manifest.models.head,
             Role::Tail => &self.manifest.models.tail,
         }
+    }
+
+    /// The `[prefilter]` table (threshold, what counts as interesting, measured quality), if
+    /// the bundle has a prefilter.
+    pub fn prefilter_spec(&self) -> Option<&PrefilterSpec> {
+        self.manifest.prefilter.as_ref()
+    }
+
+    /// The manifest entry of the prefilter model, if the bundle has one.
+    pub fn prefilter_file(&self) -> Option<&ModelFile> {
+        self.manifest.models.prefilter.as_ref()
+    }
+
+    /// Loads and optimizes the prefilter with `backend`: input the head's output
+    /// (`[N, ..bottleneck.shape]`, float, before quantization), output `[N, 1]`, the
+    /// probability that the frame is of interest; compare it with
+    /// [`PrefilterSpec::keeps`]. `Ok(None)` for a bundle without a prefilter.
+    ///
+    /// # Errors
+    ///
+    /// As [`Bundle::load`].
+    pub fn load_prefilter(&self, backend: &Backend) -> Result<Option<Model>, EngineError> {
+        self.load_prefilter_with(backend, &LoadOptions::default())
+    }
+
+    /// [`Bundle::load_prefilter`] with [`LoadOptions`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Bundle::load`].
+    pub fn load_prefilter_with(
+        &self,
+        backend: &Backend,
+        options: &LoadOptions,
+    ) -> Result<Option<Model>, EngineError> {
+        let Some(file) = self.prefilter_file() else {
+            return Ok(None);
+        };
+        Model::load_with(
+            backend,
+            &self.dir.join(&file.path),
+            self.manifest.bottleneck.shape.clone(),
+            vec![1],
+            options,
+        )
+        .map(Some)
     }
 
     /// Per-sample input shape of a model.
@@ -279,6 +333,7 @@ fn validate(manifest: &Manifest) -> Result<(), String> {
     if manifest.labels.names.is_empty() {
         return Err("labels.names is empty".into());
     }
+    manifest.check_prefilter()?;
     manifest.check_task()
 }
 

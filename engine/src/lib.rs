@@ -19,6 +19,9 @@
 //! ranks a classifier's logits; [`DbPostprocess`] turns a detector's probability map into
 //! boxes ([`Detection`]) with the parameters of the manifest's `[detection]` table.
 //!
+//! A bundle may carry a prefilter: [`Bundle::load_prefilter`] loads it like the other models,
+//! and [`Bundle::prefilter_spec`] holds its threshold ([`PrefilterSpec::keeps`]).
+//!
 //! The engine knows nothing of networks or gRPC; it depends only on the codec (for
 //! [`BundleId`]).
 
@@ -42,7 +45,7 @@ pub use detect::{DbPostprocess, Detection};
 pub use error::EngineError;
 pub use manifest::{
     BottleneckSpec, DetectionFidelity, DetectionKind, DetectionSpec, Fidelity, InputSpec, Manifest,
-    ModelFile, QuantizationLevel, QuantizationSpec, Task,
+    ModelFile, PrefilterSpec, QuantizationLevel, QuantizationSpec, Task,
 };
 pub use preprocess::Preprocessor;
 pub use tensor::Tensor;

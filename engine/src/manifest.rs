@@ -8,6 +8,10 @@
 //! `labels` for `classification` (ranked by [`top_k`](crate::top_k)), a DB probability map
 //! for `detection`, made into boxes by [`DbPostprocess`](crate::DbPostprocess) with the
 //! parameters of the `[detection]` table, which only a detection bundle has.
+//!
+//! A bundle may also carry a prefilter (`[models.prefilter]` and the `[prefilter]` table,
+//! `docs/prefilter.md`): a small model on the head's output that says how likely a frame is
+//! to be of interest; the head drops frames below its `threshold` before sending anything.
 
 use serde::Deserialize;
 
@@ -41,6 +45,10 @@ pub struct Manifest {
     /// refused for any other task.
     #[serde(default)]
     pub detection: Option<DetectionSpec>,
+    /// The prefilter's threshold and measured quality: present exactly when
+    /// `[models.prefilter]` is.
+    #[serde(default)]
+    pub prefilter: Option<PrefilterSpec>,
     /// Class names.
     pub labels: Labels,
 }
@@ -194,6 +202,98 @@ impl DetectionSpec {
     }
 }
 
+/// The `[prefilter]` table: when a frame is worth sending, and how well the prefilter was
+/// measured to say so.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefilterSpec {
+    /// A frame whose prefilter probability is below this is dropped, in (0, 1).
+    pub threshold: f64,
+    /// What counts as interesting, in one line.
+    pub positive: String,
+    /// What the prefilter was trained on, in one line.
+    #[serde(default)]
+    pub trained_on: String,
+    /// Of the frames kept, the fraction that were of interest, on `evaluated_on`.
+    #[serde(default)]
+    pub precision: Option<f64>,
+    /// Of the frames of interest, the fraction kept, on `evaluated_on`.
+    #[serde(default)]
+    pub recall: Option<f64>,
+    /// What precision and recall were measured on (with the count).
+    #[serde(default)]
+    pub evaluated_on: Option<String>,
+}
+
+impl PrefilterSpec {
+    /// Whether a frame whose prefilter output is `interest` is kept (sent on): at or above
+    /// the threshold. A NaN is never kept.
+    pub fn keeps(&self, interest: f32) -> bool {
+        f64::from(interest) >= self.threshold
+    }
+
+    /// Checks the threshold and the measured figures; the message names the key.
+    ///
+    /// # Errors
+    ///
+    /// What is out of range or missing.
+    pub fn check(&self) -> Result<(), String> {
+        let t = self.threshold;
+        if !(t.is_finite() && t > 0.0 && t < 1.0) {
+            return Err(format!(
+                "prefilter.threshold = {t} is not in (0, 1): a frame is dropped when its \
+                 probability of interest is below it"
+            ));
+        }
+        if self.positive.trim().is_empty() {
+            return Err("prefilter.positive is empty: say what counts as interesting".into());
+        }
+        for (name, value) in [("precision", self.precision), ("recall", self.recall)] {
+            if let Some(v) = value
+                && !(0.0..=1.0).contains(&v)
+            {
+                return Err(format!("prefilter.{name} = {v} is not in [0, 1]"));
+            }
+        }
+        if (self.precision.is_some() || self.recall.is_some()) && self.evaluated_on.is_none() {
+            return Err(
+                "prefilter.precision and recall need evaluated_on (what they were \
+                 measured on)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Manifest {
+    /// Checks that `[models.prefilter]` and `[prefilter]` come together, that the prefilter
+    /// reads the head's output tensor, and the `[prefilter]` table's ranges.
+    ///
+    /// # Errors
+    ///
+    /// What is wrong, for [`EngineError::Manifest`](crate::EngineError::Manifest).
+    pub fn check_prefilter(&self) -> Result<(), String> {
+        match (&self.models.prefilter, &self.prefilter) {
+            (None, None) => Ok(()),
+            (Some(_), None) => Err("[models.prefilter] needs a [prefilter] table (threshold, \
+                 positive, ...)"
+                .into()),
+            (None, Some(_)) => Err("a [prefilter] table needs a [models.prefilter] file".into()),
+            (Some(file), Some(spec)) => {
+                let head = &self.models.head.output;
+                if file.input != *head {
+                    return Err(format!(
+                        "models.prefilter.input {:?} must name the head's output tensor {head:?}",
+                        file.input
+                    ));
+                }
+                spec.check()
+            }
+        }
+    }
+}
+
 /// Largest `unclip_ratio` accepted (DB uses 1.5 to 2).
 const MAX_UNCLIP_RATIO: f64 = 10.0;
 /// Largest `max_detections` accepted.
@@ -231,6 +331,10 @@ pub struct Models {
     pub head: ModelFile,
     /// The tail: bottleneck → logits.
     pub tail: ModelFile,
+    /// The prefilter, if the bundle has one: the head's output → `[1]` probability that the
+    /// frame is of interest.
+    #[serde(default)]
+    pub prefilter: Option<ModelFile>,
 }
 
 /// One ONNX file of the bundle.
@@ -384,6 +488,58 @@ mod tests {
             ("nms_iou", "iou", "unknown field"),
         ] {
             let error = spec((from, to)).unwrap_err();
+            assert!(error.contains(says), "{to}: {error}");
+        }
+    }
+
+    const PREFILTER: &str = "threshold = 0.3\npositive = \"an animal\"\n\
+        trained_on = \"photos\"\nprecision = 0.5\nrecall = 0.9\nevaluated_on = \"100 photos\"\n";
+
+    fn prefilter(replace: (&str, &str)) -> Result<PrefilterSpec, String> {
+        let spec: PrefilterSpec =
+            toml::from_str(&PREFILTER.replace(replace.0, replace.1)).map_err(|e| e.to_string())?;
+        spec.check().map(|()| spec)
+    }
+
+    #[test]
+    fn a_prefilter_table_parses_and_keeps_at_the_threshold() {
+        let s = prefilter(("", "")).unwrap();
+        assert_eq!(s.threshold, 0.3);
+        assert!(s.keeps(0.3) && s.keeps(0.9));
+        assert!(!s.keeps(0.29) && !s.keeps(f32::NAN));
+        let minimal: PrefilterSpec =
+            toml::from_str("threshold = 0.5\npositive = \"a person\"\n").unwrap();
+        minimal.check().unwrap();
+    }
+
+    #[test]
+    fn a_bad_prefilter_table_is_rejected_by_name() {
+        for (from, to, says) in [
+            (
+                "threshold = 0.3",
+                "threshold = 0.0",
+                "prefilter.threshold = 0 is not in (0, 1)",
+            ),
+            (
+                "threshold = 0.3",
+                "threshold = 1.0",
+                "prefilter.threshold = 1 is not in (0, 1)",
+            ),
+            ("threshold = 0.3", "threshold = 1.5", "prefilter.threshold"),
+            ("threshold = 0.3", "threshold = nan", "prefilter.threshold"),
+            ("threshold = 0.3", "threshold = -0.2", "prefilter.threshold"),
+            ("threshold = 0.3\n", "", "missing field `threshold`"),
+            ("precision = 0.5", "precision = 1.5", "prefilter.precision"),
+            ("recall = 0.9", "recall = -0.1", "prefilter.recall"),
+            ("evaluated_on = \"100 photos\"\n", "", "evaluated_on"),
+            (
+                "positive = \"an animal\"",
+                "positive = \" \"",
+                "prefilter.positive",
+            ),
+            ("recall", "recal", "unknown field"),
+        ] {
+            let error = prefilter((from, to)).unwrap_err();
             assert!(error.contains(says), "{to}: {error}");
         }
     }

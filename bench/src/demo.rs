@@ -9,9 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 use cleave_engine::{Backend, Bundle, Role, Tensor, top_k};
-use cleave_head::{
-    FrameReport, HeadEncoder, RunOptions, Session, SessionConfig, run_split, sources,
-};
+use cleave_head::{FrameReport, HeadEncoder, RunOptions, Session, SessionConfig, sources};
 use cleave_tail::{TailConfig, TailServer};
 use image::codecs::jpeg::JpegEncoder;
 
@@ -86,13 +84,19 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         None => None,
     };
     let frames = sources::start(sources::SourceSpec::Files(files.clone()), 1)?;
-    run_split(encoder.clone(), &session, frames, &options, |report| {
-        if let Some(out) = json.as_mut() {
-            cleave_head::write_json_line(out, report)?;
-        }
-        reports.push(report.clone());
-        Ok(())
-    })
+    cleave_head::run(
+        encoder.clone(),
+        Some(&session),
+        frames,
+        &options,
+        |report| {
+            if let Some(out) = json.as_mut() {
+                cleave_head::write_json_line(out, report)?;
+            }
+            reports.push(report.clone());
+            Ok(())
+        },
+    )
     .await?;
     serving
         .shutdown(std::time::Duration::from_secs(30))

@@ -10,7 +10,9 @@
 //! * [`Session`] keeps an uplink alive across a bad link: reconnect with backoff, failover
 //!   between tails, resend of what a lost stream took down, deadlines.
 //! * [`LocalModel`] runs the bundle's full model on the device, for when no tail answers.
-//! * [`run_split`] ties them together and emits one [`FrameReport`] per frame: the classes,
+//! * [`mode`] says where a frame is computed (`split`, `local`, `offload`) and, for `auto`,
+//!   predicts each mode's cost from the [`LinkEstimate`] and measured compute times.
+//! * [`run`] ties them together and emits one [`FrameReport`] per frame: the classes,
 //!   the bytes that crossed, and where the time went, or the status and its reason.
 //!
 //! The head never imports the tail: the two share only `cleave-proto`.
@@ -18,22 +20,29 @@
 mod backoff;
 pub mod config_file;
 mod encoder;
+pub mod energy;
+mod link_estimate;
 mod local;
+pub mod mode;
+mod prepare;
 mod report;
 mod run;
 pub mod scene_gate;
 mod session;
 pub mod sources;
+pub mod spool;
 pub mod telemetry;
 mod uplink;
 
 pub use backoff::Backoff;
 pub use encoder::{CodingPolicy, EncodedFrame, HeadEncoder};
+pub use link_estimate::{LinkEstimate, LinkEstimator};
 pub use local::LocalModel;
+pub use mode::Mode;
 pub use report::{DetectedBox, Failure, FrameReport, Outcome, Score, Status};
-pub use run::{LinkDownPolicy, RunOptions, RunSummary, run_split, write_json_line};
+pub use run::{LinkDownPolicy, ModeSetting, RunOptions, RunSummary, run, write_json_line};
 pub use session::{Delivery, Session, SessionConfig};
-pub use uplink::{ConnectOptions, FrameSender, ResultReceiver, Uplink, UplinkResult};
+pub use uplink::{ConnectOptions, FrameSender, Payload, ResultReceiver, Uplink, UplinkResult};
 
 /// What can go wrong on the head.
 #[derive(Debug, thiserror::Error)]

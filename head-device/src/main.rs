@@ -14,10 +14,11 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use cleave_codec::Codec;
 use cleave_engine::{Backend, Bundle};
+use cleave_head::mode::{AutoConfig, Modes, Objective};
 use cleave_head::sources::{SourceFrame, SourceSpec};
 use cleave_head::{
-    CodingPolicy, ConnectOptions, HeadEncoder, LinkDownPolicy, LocalModel, RunOptions, Session,
-    SessionConfig, config_file, run_split, sources, telemetry, write_json_line,
+    CodingPolicy, ConnectOptions, HeadEncoder, LinkDownPolicy, LocalModel, Mode, ModeSetting,
+    RunOptions, Session, SessionConfig, config_file, sources, telemetry, write_json_line,
 };
 use tokio::sync::mpsc;
 
@@ -56,6 +57,36 @@ struct Args {
     /// or the learned prior). A frame that fits at no depth fails with the smallest size.
     #[arg(long, conflicts_with = "bits", value_parser = clap::value_parser!(u64).range(1..))]
     byte_budget: Option<u64>,
+    /// Where frames are computed: `split` (head here, tail on the server), `local` (the full
+    /// model here; no server needed), `offload` (a JPEG of the model input to a server that
+    /// runs the full model: `full_model = true` in its config), or `auto`: per frame, the
+    /// mode predicted fastest from the measured link (round trip, bandwidth) and compute
+    /// times, with hysteresis (--hysteresis, --min-dwell) and a frame now and then in the
+    /// others (--probe-every); `local` whenever the link is down.
+    #[arg(long, default_value = "split", value_parser = ["split", "local", "offload", "auto"])]
+    mode: String,
+    /// `auto`: the modes it may choose, comma-separated. Without `local` the full model is
+    /// not loaded (a board too small for it) and --on-link-down applies when the link is
+    /// down; with it, `auto` runs frames here then.
+    #[arg(long, value_delimiter = ',', default_value = "split,local,offload", value_parser = ["split", "local", "offload"])]
+    auto_modes: Vec<String>,
+    /// JPEG quality (1–100) of offloaded frames.
+    #[arg(long, default_value_t = 85, value_parser = clap::value_parser!(u8).range(1..=100))]
+    jpeg_quality: u8,
+    /// `auto`: another mode must be predicted cheaper by more than this fraction (0 to 1)
+    /// to take over from the current one.
+    #[arg(long, default_value_t = 0.2, value_parser = parse_fraction)]
+    hysteresis: f32,
+    /// `auto`: frames in a mode before it may be left for a cheaper one.
+    #[arg(long, default_value_t = 4)]
+    min_dwell: u32,
+    /// `auto`: every this many frames, one frame goes to a mode not in use, to keep its
+    /// prediction fresh (0: never).
+    #[arg(long, default_value_t = 20)]
+    probe_every: u32,
+    /// `auto`: milliseconds between round-trip probes (a tiny request beside the stream).
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..))]
+    probe_interval_ms: u64,
     /// Frames in flight on the uplink at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     window: u32,
@@ -198,33 +229,70 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => encoder,
     });
     let on_link_down = match args.on_link_down.as_str() {
-        "local" => LinkDownPolicy::Local(Arc::new(
-            LocalModel::new(bundle.clone(), &args.backend)
-                .context("loading the full model for --on-link-down local")?,
-        )),
+        "local" => LinkDownPolicy::Local,
         "drop" => LinkDownPolicy::Drop,
         _ => LinkDownPolicy::Wait,
     };
+    let mode = match args.mode.as_str() {
+        "auto" => ModeSetting::Auto(AutoConfig {
+            modes: Modes::of(
+                &args
+                    .auto_modes
+                    .iter()
+                    .map(|m| mode_named(m))
+                    .collect::<Vec<_>>(),
+            ),
+            objective: Objective::Latency,
+            hysteresis: f64::from(args.hysteresis),
+            min_dwell: args.min_dwell,
+            probe_every: args.probe_every,
+        }),
+        name => ModeSetting::Fixed(mode_named(name)),
+    };
+    let needs_local = match mode {
+        ModeSetting::Fixed(Mode::Local) => true,
+        ModeSetting::Auto(config) if config.modes.contains(Mode::Local) => true,
+        _ => on_link_down == LinkDownPolicy::Local,
+    };
+    let local = if needs_local {
+        Some(Arc::new(
+            LocalModel::new(bundle.clone(), &args.backend).context(
+                "loading the full model (for --mode local or auto, or --on-link-down local)",
+            )?,
+        ))
+    } else {
+        None
+    };
     let window = args.window as usize;
-    let session = Session::start(
-        bundle.id(),
-        SessionConfig {
-            window,
-            connect: ConnectOptions {
-                connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-                keepalive: Duration::from_millis(args.keepalive_ms),
-            },
-            backoff_max: Duration::from_millis(args.reconnect_max_ms),
-            fail_fast_when_down: on_link_down.fails_fast(),
-            ..SessionConfig::new(args.servers.clone())
-        },
-    );
     let options = RunOptions {
         max_pending: (args.max_pending as usize).max(window),
         deadline: Duration::from_millis(args.deadline_ms),
+        mode,
+        local,
         on_link_down,
         scene_threshold: args.scene_threshold,
+        jpeg_quality: args.jpeg_quality,
     };
+    let session = (mode != ModeSetting::Fixed(Mode::Local)).then(|| {
+        Session::start(
+            bundle.id(),
+            SessionConfig {
+                window,
+                connect: ConnectOptions {
+                    connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+                    keepalive: Duration::from_millis(args.keepalive_ms),
+                },
+                backoff_max: Duration::from_millis(args.reconnect_max_ms),
+                fail_fast_when_down: options.fails_fast(),
+                probe_interval: matches!(mode, ModeSetting::Auto(_))
+                    .then(|| Duration::from_millis(args.probe_interval_ms)),
+                ..SessionConfig::new(args.servers.clone())
+            },
+        )
+    });
+    options
+        .check(session.is_some())
+        .map_err(anyhow::Error::msg)?;
     let mut out: Box<dyn std::io::Write + Send> = match &args.output {
         Some(path) => Box::new(
             std::fs::OpenOptions::new()
@@ -241,19 +309,20 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("serving metrics on {addr}"))?;
             eprintln!("cleave-head: metrics on http://{bound}/metrics");
-            let watched = session.clone();
-            tokio::spawn(async move {
-                loop {
-                    telemetry::link(watched.is_up(), watched.is_down());
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            });
+            if let Some(watched) = session.clone() {
+                tokio::spawn(async move {
+                    loop {
+                        telemetry::link(watched.is_up(), watched.is_down(), &watched.estimate());
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                });
+            }
             true
         }
         None => false,
     };
     let frames = until_stopped(sources::start(spec, 2)?);
-    let summary = run_split(encoder, &session, frames, &options, |report| {
+    let summary = cleave_head::run(encoder, session.as_ref(), frames, &options, |report| {
         if metrics {
             telemetry::record(report);
         }
@@ -261,10 +330,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     })
     .await?;
     eprintln!(
-        "cleave-head: {} answered ({} locally), {} failed, {} expired, {} dropped, {} \
-         unchanged, {} bytes sent",
+        "cleave-head: {} answered ({} locally, {} offloaded), {} failed, {} expired, {} \
+         dropped, {} unchanged, {} bytes sent",
         summary.answered,
         summary.local,
+        summary.offloaded,
         summary.failed,
         summary.expired,
         summary.dropped,
@@ -376,6 +446,15 @@ fn parse_size(text: &str) -> Result<(u32, u32), String> {
             .ok_or_else(|| format!("{s:?} is not a side of 1 to 16384 pixels"))
     };
     Ok((side(w)?, side(h)?))
+}
+
+/// A mode by the name clap already checked.
+fn mode_named(name: &str) -> Mode {
+    match name {
+        "local" => Mode::Local,
+        "offload" => Mode::Offload,
+        _ => Mode::Split,
+    }
 }
 
 fn parse_fraction(text: &str) -> Result<f32, String> {

@@ -86,9 +86,12 @@ pub struct FrameReport {
     pub source: String,
     /// `answered`, `failed`, `expired`, `dropped` or `unchanged`.
     pub status: Status,
-    /// Where the result was computed: `split` (head here, tail on a server) or `local` (the
-    /// full model on this device).
+    /// Where the result was computed: `split` (head here, tail on a server), `local` (the
+    /// full model on this device) or `offload` (a JPEG to the full model on a server).
     pub mode: &'static str,
+    /// With `--mode auto`: why this mode, and what each was predicted to cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub choice: Option<String>,
     /// Result or failure.
     #[serde(flatten)]
     pub outcome: Outcome,
@@ -100,10 +103,11 @@ pub struct FrameReport {
     /// Why the frame took the path it did (e.g. ran locally because the link was down).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
-    /// How the frame was coded (`"4-bit calibrated, ans"`); absent if it was never coded.
+    /// How the frame was coded (`"4-bit calibrated, ans"`, `"jpeg q85"`); absent if it was
+    /// never coded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coding: Option<String>,
-    /// Coded feature-frame bytes sent.
+    /// Bytes of the frame sent: the coded features (`split`) or the JPEG (`offload`).
     pub bytes_sent: usize,
     /// Bytes of the gRPC message carrying the frame (protobuf plus 5-byte prefix).
     pub wire_bytes: usize,
@@ -111,7 +115,8 @@ pub struct FrameReport {
     pub tail_received_bytes: u64,
     /// Image decode and preprocessing.
     pub preprocess_ms: f64,
-    /// Head model, quantization and coding.
+    /// Compute on this device after preprocessing: the head model and coding (`split`), the
+    /// JPEG encoder (`offload`) or the full model (`local`).
     pub head_ms: f64,
     /// From sending the frame to its result, less the tail's own time.
     pub uplink_ms: f64,
@@ -122,6 +127,45 @@ pub struct FrameReport {
 }
 
 impl FrameReport {
+    /// A report with `outcome` and nothing measured yet.
+    pub(crate) fn blank(frame_id: u64, source: String, status: Status, outcome: Outcome) -> Self {
+        FrameReport {
+            frame_id,
+            source,
+            status,
+            mode: "split",
+            choice: None,
+            outcome,
+            server: None,
+            sends: 0,
+            note: None,
+            coding: None,
+            bytes_sent: 0,
+            wire_bytes: 0,
+            tail_received_bytes: 0,
+            preprocess_ms: 0.0,
+            head_ms: 0.0,
+            uplink_ms: 0.0,
+            tail_ms: 0.0,
+            total_ms: 0.0,
+        }
+    }
+
+    /// A report of a frame that ended with `status` for the reason `kind: message`.
+    pub(crate) fn unanswered(
+        frame_id: u64,
+        source: String,
+        status: Status,
+        kind: &str,
+        message: impl ToString,
+    ) -> Self {
+        let error = Failure {
+            kind: kind.to_string(),
+            message: message.to_string(),
+        };
+        Self::blank(frame_id, source, status, Outcome::Failed { error })
+    }
+
     /// The top class, if the frame was classified.
     pub fn top1(&self) -> Option<&Score> {
         match &self.outcome {

@@ -1,26 +1,34 @@
-//! The head's main job: encode each input, get it answered, report each frame exactly once.
+//! The head's main job: take each frame, answer it in its mode, report it exactly once.
 //!
-//! Encoding runs on blocking threads and overlaps with the uplink: up to `max_pending`
-//! frames are between being read and being reported. The [`Session`] sends them, resends
-//! them after a lost stream and fails over between tails; when no tail is reachable, the
-//! [`LinkDownPolicy`] decides: run the full model here, drop the frame, or wait (until the
-//! frame's deadline). Reports come out in input order, and every input ends in exactly one:
-//! a result, or a status with its reason.
+//! Per frame, in source order:
+//!
+//! 1. **Mode.** A fixed [`Mode`], or `auto`: the [`ModeChooser`] predicts each mode's cost
+//!    from the link estimate and what it has measured, and picks one.
+//! 2. **Device work** ([`prepare`](crate::prepare)) on a blocking thread: crop, scene gate,
+//!    then the head and coding, a JPEG, or the whole model.
+//! 3. **Uplink.** Remote frames go to the [`Session`], which sends, resends after a lost
+//!    stream and fails over. When no tail is reachable the [`LinkDownPolicy`] decides: run
+//!    the full model here, drop the frame, or wait (until its deadline). `auto` runs it here.
+//!
+//! Up to `max_pending` frames are between being read and being reported, so device work
+//! overlaps with the uplink. Reports come out in input order, and every input ends in
+//! exactly one: a result, or a status with its reason.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cleave_engine::{Preprocessor, Tensor};
-use image::{DynamicImage, RgbImage};
+use cleave_engine::Tensor;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::local::LocalModel;
+use crate::mode::{AutoConfig, Decision, Mode, ModeChooser, Usable};
+use crate::prepare::{Prepared, Work, prepare};
 use crate::report::{Failure, FrameReport, Outcome, Status};
-use crate::scene_gate::{SceneGate, Verdict};
+use crate::scene_gate::SceneGate;
 use crate::session::{Delivery, Session};
-use crate::sources::{Picture, SourceFrame};
-use crate::{EncodedFrame, HeadEncoder, HeadError, UplinkResult};
+use crate::sources::SourceFrame;
+use crate::{HeadEncoder, HeadError, UplinkResult};
 
 /// What a run did, for the caller's exit status and summary line.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -29,6 +37,8 @@ pub struct RunSummary {
     pub answered: usize,
     /// Frames answered by the full model on this device.
     pub local: usize,
+    /// Frames answered by the full model on a server, from a JPEG.
+    pub offloaded: usize,
     /// Frames that failed.
     pub failed: usize,
     /// Frames whose deadline passed first.
@@ -37,40 +47,48 @@ pub struct RunSummary {
     pub dropped: usize,
     /// Frames the scene gate held back.
     pub unchanged: usize,
-    /// Coded bytes sent, all frames and all sends.
+    /// Bytes sent (coded features or JPEG), all frames and all sends.
     pub bytes_sent: usize,
 }
 
-/// What the head does with frames while no tail is reachable.
-#[derive(Debug, Clone)]
+/// What the head does with frames of a remote mode while no tail is reachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkDownPolicy {
     /// Hold them; each is sent when a tail is back, or expires at its deadline.
     Wait,
-    /// Run the bundle's full model here.
-    Local(Arc<LocalModel>),
+    /// Run the bundle's full model here ([`RunOptions::local`] must hold it).
+    Local,
     /// Report them dropped.
     Drop,
 }
 
-impl LinkDownPolicy {
-    /// Whether the session should answer `LinkDown` at once rather than hold frames.
-    pub fn fails_fast(&self) -> bool {
-        !matches!(self, Self::Wait)
-    }
+/// How frames pick their mode.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ModeSetting {
+    /// Every frame in this mode.
+    Fixed(Mode),
+    /// Per frame, the mode predicted cheapest.
+    Auto(AutoConfig),
 }
 
-/// How [`run_split`] paces and bounds its frames.
+/// How [`run`] paces and bounds its frames.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Frames between being read and being reported, at most.
     pub max_pending: usize,
     /// Time from reading a frame to its answer, after which it is reported `expired`.
     pub deadline: Duration,
-    /// What to do while no tail is reachable.
+    /// Where frames are computed.
+    pub mode: ModeSetting,
+    /// The full model on this device: needed by `local`, `auto` and [`LinkDownPolicy::Local`].
+    pub local: Option<Arc<LocalModel>>,
+    /// What to do with remote frames while no tail is reachable.
     pub on_link_down: LinkDownPolicy,
     /// The scene gate's threshold (0 to 1), if frames nearly identical to the last one
     /// sent are to be skipped.
     pub scene_threshold: Option<f32>,
+    /// JPEG quality (1–100) of offloaded frames.
+    pub jpeg_quality: u8,
 }
 
 impl Default for RunOptions {
@@ -78,9 +96,46 @@ impl Default for RunOptions {
         Self {
             max_pending: 8,
             deadline: Duration::from_secs(10),
+            mode: ModeSetting::Fixed(Mode::Split),
+            local: None,
             on_link_down: LinkDownPolicy::Wait,
             scene_threshold: None,
+            jpeg_quality: 85,
         }
+    }
+}
+
+impl RunOptions {
+    /// Whether the session should answer `LinkDown` at once rather than hold frames.
+    pub fn fails_fast(&self) -> bool {
+        self.on_link_down != LinkDownPolicy::Wait || self.auto_runs_locally()
+    }
+
+    /// Whether `auto` may answer frames here.
+    fn auto_runs_locally(&self) -> bool {
+        matches!(self.mode, ModeSetting::Auto(c) if c.modes.contains(Mode::Local))
+            && self.local.is_some()
+    }
+
+    /// Whether the options can work: a mode or policy that runs the full model here needs
+    /// it loaded, and a remote mode needs a session.
+    ///
+    /// # Errors
+    ///
+    /// What is missing, in words.
+    pub fn check(&self, has_session: bool) -> Result<(), String> {
+        let needs_local = match self.mode {
+            ModeSetting::Fixed(Mode::Local) => true,
+            ModeSetting::Auto(c) if c.modes.contains(Mode::Local) => true,
+            _ => self.on_link_down == LinkDownPolicy::Local,
+        };
+        if needs_local && self.local.is_none() {
+            return Err("this mode or link-down policy needs the full model loaded here".into());
+        }
+        if self.mode != ModeSetting::Fixed(Mode::Local) && !has_session {
+            return Err("this mode sends frames, so it needs a server".into());
+        }
+        Ok(())
     }
 }
 
@@ -101,39 +156,66 @@ enum Pending {
 struct SentFrame {
     frame_id: u64,
     source: String,
+    mode: Mode,
+    choice: Option<String>,
     started: Instant,
     sent: Instant,
     preprocess_ms: f64,
-    head_ms: f64,
+    device_ms: f64,
     coding: String,
     bytes: usize,
 }
 
-/// Takes the frames of a source (see [`crate::sources::start`]), encodes them, hands them
-/// to `session`, and gives each frame's report to `emit` in source order, until the source
-/// ends.
+/// What the producer and the consumer share.
+struct Shared {
+    encoder: Arc<HeadEncoder>,
+    session: Option<Session>,
+    options: RunOptions,
+    chooser: Option<Mutex<ModeChooser>>,
+}
+
+impl Shared {
+    fn observe(&self, f: impl FnOnce(&mut ModeChooser)) {
+        if let Some(mut chooser) = self.chooser.as_ref().and_then(|c| c.lock().ok()) {
+            f(&mut chooser);
+        }
+    }
+
+    fn link_error(&self) -> String {
+        self.session
+            .as_ref()
+            .map_or_else(|| "no server".into(), Session::last_error)
+    }
+}
+
+/// Takes the frames of a source (see [`crate::sources::start`]), answers each in its mode
+/// (sending remote ones through `session`), and gives each frame's report to `emit` in
+/// source order, until the source ends.
 ///
 /// # Errors
 ///
 /// Only `emit`'s: a lost link, a failed tail or a bad input is a frame's report, not an
 /// error of the run.
-pub async fn run_split(
+pub async fn run(
     encoder: Arc<HeadEncoder>,
-    session: &Session,
+    session: Option<&Session>,
     frames: mpsc::Receiver<SourceFrame>,
     options: &RunOptions,
     mut emit: impl FnMut(&FrameReport) -> std::io::Result<()>,
 ) -> Result<RunSummary, HeadError> {
+    let chooser = match options.mode {
+        ModeSetting::Auto(config) => Some(Mutex::new(ModeChooser::new(config))),
+        ModeSetting::Fixed(_) => None,
+    };
+    let shared = Arc::new(Shared {
+        encoder,
+        session: session.cloned(),
+        options: options.clone(),
+        chooser,
+    });
     let permits = Arc::new(Semaphore::new(options.max_pending.max(1)));
     let (pending_tx, mut pending_rx) = mpsc::unbounded_channel::<Pending>();
-    let producer = tokio::spawn(produce(
-        encoder,
-        session.clone(),
-        frames,
-        options.clone(),
-        permits.clone(),
-        pending_tx,
-    ));
+    let producer = tokio::spawn(produce(shared.clone(), frames, permits.clone(), pending_tx));
 
     let mut summary = RunSummary::default();
     while let Some(pending) = pending_rx.recv().await {
@@ -147,7 +229,7 @@ pub async fn run_split(
                 let delivery = delivery.await.unwrap_or(Delivery::LinkDown {
                     reason: "the uplink session stopped".into(),
                 });
-                settle(frame, delivery, input, &options.on_link_down).await
+                settle(&shared, frame, delivery, input).await
             }
         };
         permits.add_permits(1);
@@ -160,11 +242,14 @@ pub async fn run_split(
 
 fn count(summary: &mut RunSummary, report: &FrameReport) {
     match report.status {
-        Status::Answered if report.mode == "local" => {
+        Status::Answered => {
             summary.answered += 1;
-            summary.local += 1;
+            match report.mode {
+                "local" => summary.local += 1,
+                "offload" => summary.offloaded += 1,
+                _ => {}
+            }
         }
-        Status::Answered => summary.answered += 1,
         Status::Failed => summary.failed += 1,
         Status::Expired => summary.expired += 1,
         Status::Dropped => summary.dropped += 1,
@@ -173,83 +258,17 @@ fn count(summary: &mut RunSummary, report: &FrameReport) {
     summary.bytes_sent += report.bytes_sent * report.sends.max(1) as usize;
 }
 
-/// What the blocking half of the producer made of a frame.
-enum Prepared {
-    /// The scene gate held it back.
-    Unchanged { change: f32, preprocess_ms: f64 },
-    /// Coded, ready for the uplink; the input is kept for the local fallback.
-    Encoded {
-        frame: EncodedFrame,
-        input: Option<Tensor>,
-    },
-    /// Run by the full model here.
-    Local(Result<(Outcome, f64), HeadError>),
-}
-
-/// Turns a source's picture into the model's cropped and resized RGB input.
-fn picture(encoder: &HeadEncoder, picture: Picture) -> Result<RgbImage, HeadError> {
-    let image = match picture {
-        Picture::File(path) => {
-            let bytes = std::fs::read(&path).map_err(|e| HeadError::Input {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-            Preprocessor::decode(&bytes).map_err(|e| HeadError::Input {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?
-        }
-        Picture::Rgb(rgb) => DynamicImage::ImageRgb8(rgb),
-    };
-    Ok(encoder.preprocessor().crop_resize(&image))
-}
-
-/// Preprocess, gate, then encode or run locally: the per-frame work that blocks.
-fn prepare(
-    encoder: &HeadEncoder,
-    gate: Option<&Mutex<SceneGate>>,
-    source: Picture,
-    local: Option<&LocalModel>,
-    keep_input: bool,
-) -> Result<Prepared, HeadError> {
-    let read = Instant::now();
-    let rgb = picture(encoder, source)?;
-    if let Some(gate) = gate {
-        let verdict = gate
-            .lock()
-            .map_or(Verdict::Pass { change: None }, |mut g| g.check(&rgb));
-        if let Verdict::Unchanged { change } = verdict {
-            let preprocess_ms = read.elapsed().as_secs_f64() * 1e3;
-            return Ok(Prepared::Unchanged {
-                change,
-                preprocess_ms,
-            });
-        }
-    }
-    let input = encoder.preprocessor().tensor(&rgb);
-    let preprocess_ms = read.elapsed().as_secs_f64() * 1e3;
-    if let Some(local) = local {
-        return Ok(Prepared::Local(local.run(&input)));
-    }
-    let mut frame = encoder.encode_tensor(&input)?;
-    frame.preprocess_ms = preprocess_ms;
-    Ok(Prepared::Encoded {
-        frame,
-        input: keep_input.then_some(input),
-    })
-}
-
-/// Takes every frame of the source in order: expired, gated, dropped or run locally here,
-/// or encoded and handed to the session.
+/// Takes every frame of the source in order: expired, gated, dropped or run here, or
+/// prepared and handed to the session.
 async fn produce(
-    encoder: Arc<HeadEncoder>,
-    session: Session,
+    shared: Arc<Shared>,
     mut frames: mpsc::Receiver<SourceFrame>,
-    options: RunOptions,
     permits: Arc<Semaphore>,
     pending: mpsc::UnboundedSender<Pending>,
 ) {
-    let keep_input = matches!(options.on_link_down, LinkDownPolicy::Local(_));
+    let options = &shared.options;
+    let keep_input = options.local.is_some()
+        && (options.on_link_down == LinkDownPolicy::Local || options.auto_runs_locally());
     let gate = options
         .scene_threshold
         .map(|t| Arc::new(Mutex::new(SceneGate::new(t))));
@@ -262,158 +281,291 @@ async fn produce(
         };
         // The consumer gives the permit back once the frame is reported.
         permit.forget();
-        let SourceFrame {
-            name: source,
-            picture,
-            captured,
-        } = frame;
-        let started = captured.unwrap_or_else(Instant::now);
-        let deadline = tokio::time::Instant::from_std(started + options.deadline);
-        // One reading of the link per frame, so the drop and local decisions agree.
-        let down = session.is_down();
-        let item = if deadline <= tokio::time::Instant::now() {
-            let waited = started.elapsed().as_secs_f64() * 1e3;
-            let mut report = failed(
-                frame_id,
-                source,
-                "expired",
-                format!("waited {waited:.0} ms for the pipeline, past its deadline; not processed"),
-            );
-            report.status = Status::Expired;
-            Pending::Done(Box::new(report))
-        } else if down && matches!(options.on_link_down, LinkDownPolicy::Drop) {
-            Pending::Done(Box::new(dropped(
-                frame_id,
-                source,
-                format!("no tail reachable, frame dropped: {}", session.last_error()),
-            )))
-        } else {
-            let local = match &options.on_link_down {
-                LinkDownPolicy::Local(local) if down => Some(local.clone()),
-                _ => None,
-            };
-            let (job_encoder, job_gate, job_local) = (encoder.clone(), gate.clone(), local.clone());
-            let job = tokio::task::spawn_blocking(move || {
-                prepare(
-                    &job_encoder,
-                    job_gate.as_deref(),
-                    picture,
-                    job_local.as_deref(),
-                    keep_input,
-                )
-            });
-            match job.await {
-                Ok(Ok(Prepared::Unchanged {
-                    change,
-                    preprocess_ms,
-                })) => {
-                    let mut report = blank(
-                        frame_id,
-                        source,
-                        Status::Unchanged,
-                        Outcome::Skipped {
-                            skipped: Failure {
-                                kind: "unchanged".into(),
-                                message: format!(
-                                    "changed {:.2} % from the last frame sent, under the \
-                                     scene gate's threshold",
-                                    change * 100.0
-                                ),
-                            },
-                        },
-                    );
-                    report.preprocess_ms = preprocess_ms;
-                    report.total_ms = started.elapsed().as_secs_f64() * 1e3;
-                    Pending::Done(Box::new(report))
-                }
-                Ok(Ok(Prepared::Local(ran))) => Pending::Done(Box::new(local_report(
-                    frame_id,
-                    source,
-                    started,
-                    Ok(ran),
-                    format!("the link was down: {}", session.last_error()),
-                ))),
-                Ok(Ok(Prepared::Encoded { frame, input })) => {
-                    let bytes = frame.bytes.len();
-                    let coding = format!("{}, {}", frame.coding, frame.codec.name());
-                    let sent = Instant::now();
-                    let delivery = session.submit(frame_id, frame.bytes, deadline).await;
-                    Pending::Sent {
-                        frame: SentFrame {
-                            frame_id,
-                            source,
-                            started,
-                            sent,
-                            preprocess_ms: frame.preprocess_ms,
-                            head_ms: frame.head_ms,
-                            coding,
-                            bytes,
-                        },
-                        delivery,
-                        input,
-                    }
-                }
-                Ok(Err(e)) => {
-                    Pending::Done(Box::new(failed(frame_id, source, failure_kind(&e), e)))
-                }
-                Err(join) => Pending::Done(Box::new(failed(
-                    frame_id,
-                    source,
-                    "input",
-                    format!("encoder panicked: {join}"),
-                ))),
-            }
-        };
+        let item = take(&shared, frame_id, frame, gate.clone(), keep_input).await;
         if pending.send(item).is_err() {
             break;
         }
     }
 }
 
-/// The report of a frame the session delivered; runs it locally if the link was down and
-/// the policy says so.
+/// The mode a frame takes, and the work that means here.
+enum Plan {
+    Work {
+        mode: Mode,
+        work: Work,
+        decision: Option<Decision>,
+        /// Why it runs here although its mode is remote.
+        note: Option<String>,
+    },
+    Drop(String),
+}
+
+fn plan(shared: &Shared) -> Plan {
+    let options = &shared.options;
+    let session = shared.session.as_ref();
+    let (mode, decision) = match options.mode {
+        ModeSetting::Fixed(mode) => (mode, None),
+        ModeSetting::Auto(_) => {
+            let usable = Usable {
+                link: session.is_some_and(Session::is_up),
+                offload: session.is_some_and(Session::serves_full_model),
+                local: options.local.is_some(),
+                estimate: session.map(Session::estimate).unwrap_or_default(),
+            };
+            let mut decision = None;
+            shared.observe(|c| decision = Some(c.choose(&usable)));
+            let mode = decision.as_ref().map_or(Mode::Split, |d| d.mode);
+            (mode, decision)
+        }
+    };
+    let work = |mode: Mode| match (mode, &options.local) {
+        (Mode::Offload, _) => Work::Offload {
+            quality: options.jpeg_quality,
+        },
+        (Mode::Local, Some(local)) => Work::Local(local.clone()),
+        _ => Work::Split,
+    };
+    // One reading of the link per frame, so the drop and local decisions agree. (`auto`
+    // chose local itself if it may.)
+    let down = mode != Mode::Local && session.is_none_or(Session::is_down);
+    let note = |what: &str| format!("the link was down ({}); {what}", shared.link_error());
+    match (down, options.on_link_down, &options.local) {
+        (true, LinkDownPolicy::Drop, _) => Plan::Drop(note("frame dropped")),
+        (true, LinkDownPolicy::Local, Some(local)) => Plan::Work {
+            mode: Mode::Local,
+            work: Work::Local(local.clone()),
+            decision,
+            note: Some(note("ran the full model on this device")),
+        },
+        _ => Plan::Work {
+            mode,
+            work: work(mode),
+            decision,
+            note: None,
+        },
+    }
+}
+
+/// One frame, from the source to a pending report.
+async fn take(
+    shared: &Arc<Shared>,
+    frame_id: u64,
+    frame: SourceFrame,
+    gate: Option<Arc<Mutex<SceneGate>>>,
+    keep_input: bool,
+) -> Pending {
+    let SourceFrame {
+        name: source,
+        picture,
+        captured,
+    } = frame;
+    let started = captured.unwrap_or_else(Instant::now);
+    let deadline = tokio::time::Instant::from_std(started + shared.options.deadline);
+    if deadline <= tokio::time::Instant::now() {
+        let waited = started.elapsed().as_secs_f64() * 1e3;
+        return Pending::Done(Box::new(FrameReport::unanswered(
+            frame_id,
+            source,
+            Status::Expired,
+            "expired",
+            format!("waited {waited:.0} ms for the pipeline, past its deadline; not processed"),
+        )));
+    }
+    let (mode, work, decision, note) = match plan(shared) {
+        Plan::Drop(why) => {
+            return Pending::Done(Box::new(FrameReport::unanswered(
+                frame_id,
+                source,
+                Status::Dropped,
+                "link_down",
+                why,
+            )));
+        }
+        Plan::Work {
+            mode,
+            work,
+            decision,
+            note,
+        } => (mode, work, decision, note),
+    };
+    let choice = decision.as_ref().map(Decision::describe);
+    let job_shared = shared.clone();
+    let job = tokio::task::spawn_blocking(move || {
+        prepare(
+            &job_shared.encoder,
+            gate.as_deref(),
+            picture,
+            &work,
+            keep_input,
+        )
+    });
+    let prepared = job.await;
+    let lost = || {
+        if mode != Mode::Local {
+            shared.observe(|c| c.observe_lost(mode));
+        }
+    };
+    let mut report = match prepared {
+        Ok(Ok(Prepared::Unchanged {
+            change,
+            preprocess_ms,
+        })) => {
+            lost();
+            let skipped = Failure {
+                kind: "unchanged".into(),
+                message: format!(
+                    "changed {:.2} % from the last frame sent, under the scene gate's threshold",
+                    change * 100.0
+                ),
+            };
+            let mut report = FrameReport::blank(
+                frame_id,
+                source,
+                Status::Unchanged,
+                Outcome::Skipped { skipped },
+            );
+            report.preprocess_ms = preprocess_ms;
+            report
+        }
+        Ok(Ok(Prepared::Local { ran, preprocess_ms })) => {
+            if let Ok((_, model_ms)) = &ran {
+                let model_ms = *model_ms;
+                shared.observe(|c| c.observe_device(Mode::Local, model_ms));
+            }
+            let mut report = local_report(frame_id, source, started, Ok(ran), note);
+            report.preprocess_ms = preprocess_ms;
+            report
+        }
+        Ok(Ok(Prepared::Ready {
+            payload,
+            coding,
+            preprocess_ms,
+            device_ms,
+            input,
+        })) => {
+            shared.observe(|c| c.observe_device(mode, device_ms));
+            let Some(session) = shared.session.as_ref() else {
+                lost();
+                return Pending::Done(Box::new(FrameReport::unanswered(
+                    frame_id,
+                    source,
+                    Status::Failed,
+                    "uplink",
+                    "no server to send to",
+                )));
+            };
+            let bytes = payload.len();
+            let sent = Instant::now();
+            let delivery = session.submit(frame_id, payload, deadline).await;
+            return Pending::Sent {
+                frame: SentFrame {
+                    frame_id,
+                    source,
+                    mode,
+                    choice,
+                    started,
+                    sent,
+                    preprocess_ms,
+                    device_ms,
+                    coding,
+                    bytes,
+                },
+                delivery,
+                input,
+            };
+        }
+        Ok(Err(e)) => {
+            lost();
+            FrameReport::unanswered(frame_id, source, Status::Failed, failure_kind(&e), e)
+        }
+        Err(join) => {
+            lost();
+            FrameReport::unanswered(
+                frame_id,
+                source,
+                Status::Failed,
+                "input",
+                format!("device work panicked: {join}"),
+            )
+        }
+    };
+    report.mode = mode.name();
+    report.choice = choice;
+    report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    Pending::Done(Box::new(report))
+}
+
+/// The report of a frame the session delivered; runs it here if the link was down and
+/// the policy (or `auto`) says so.
 async fn settle(
+    shared: &Shared,
     frame: SentFrame,
     delivery: Delivery,
     input: Option<Tensor>,
-    policy: &LinkDownPolicy,
 ) -> FrameReport {
+    let mode = frame.mode;
     match delivery {
         Delivery::Answered {
             result,
             server,
             sends,
             wire_bytes,
-        } => frame.answered(result, server, sends, wire_bytes),
+        } => {
+            if matches!(
+                result.outcome,
+                Outcome::Classified { .. } | Outcome::Detected { .. }
+            ) {
+                let (bytes, tail_ms) = (frame.bytes, result.tail_ms);
+                shared.observe(|c| c.observe_answer(mode, bytes, tail_ms));
+            } else {
+                shared.observe(|c| c.observe_lost(mode));
+            }
+            frame.answered(result, server, sends, wire_bytes)
+        }
         Delivery::Expired {
             sends,
             wire_bytes,
             why,
         } => {
+            shared.observe(|c| c.observe_lost(mode));
             let mut report = frame.unanswered(Status::Expired, "expired", why);
             report.sends = sends;
             report.wire_bytes = wire_bytes;
             report
         }
-        Delivery::LinkDown { reason } => match (policy, input) {
-            (LinkDownPolicy::Local(local), Some(input)) => {
-                let local = local.clone();
-                let job = tokio::task::spawn_blocking(move || local.run(&input));
-                let (frame_id, source, started) = (frame.frame_id, frame.source, frame.started);
-                local_report(
-                    frame_id,
-                    source,
-                    started,
-                    job.await,
-                    format!("the link went down: {reason}"),
-                )
+        Delivery::LinkDown { reason } => {
+            shared.observe(|c| c.observe_lost(mode));
+            let runs_here = shared.options.on_link_down == LinkDownPolicy::Local
+                || shared.options.auto_runs_locally();
+            match (&shared.options.local, input) {
+                (Some(local), Some(input)) if runs_here => {
+                    let local = local.clone();
+                    let job = tokio::task::spawn_blocking(move || local.run(&input));
+                    let ran = job.await;
+                    if let Ok(Ok((_, model_ms))) = &ran {
+                        let model_ms = *model_ms;
+                        shared.observe(|c| c.observe_device(Mode::Local, model_ms));
+                    }
+                    let mut report = local_report(
+                        frame.frame_id,
+                        frame.source,
+                        frame.started,
+                        ran,
+                        Some(format!(
+                            "the link went down ({reason}); ran the full model on this device"
+                        )),
+                    );
+                    report.choice = frame.choice;
+                    report.preprocess_ms = frame.preprocess_ms;
+                    report
+                }
+                _ => frame.unanswered(
+                    Status::Dropped,
+                    "link_down",
+                    format!("no tail reachable, frame dropped: {reason}"),
+                ),
             }
-            _ => frame.unanswered(
-                Status::Dropped,
-                "link_down",
-                format!("no tail reachable, frame dropped: {reason}"),
-            ),
-        },
+        }
     }
 }
 
@@ -433,34 +585,31 @@ impl SentFrame {
             Outcome::Classified { .. } | Outcome::Detected { .. } => Status::Answered,
             Outcome::Skipped { .. } => Status::Dropped,
         };
-        FrameReport {
-            frame_id: self.frame_id,
-            source: self.source,
-            status,
-            mode: "split",
-            outcome: result.outcome,
-            server: Some(server),
-            sends,
-            note: None,
-            coding: Some(self.coding),
-            bytes_sent: self.bytes,
-            wire_bytes,
-            tail_received_bytes: result.received_bytes,
-            preprocess_ms: self.preprocess_ms,
-            head_ms: self.head_ms,
-            uplink_ms: (round_trip_ms - result.tail_ms).max(0.0),
-            tail_ms: result.tail_ms,
-            total_ms: (now - self.started).as_secs_f64() * 1e3,
-        }
+        let mut report = FrameReport::blank(self.frame_id, self.source, status, result.outcome);
+        report.mode = self.mode.name();
+        report.choice = self.choice;
+        report.server = Some(server);
+        report.sends = sends;
+        report.coding = Some(self.coding);
+        report.bytes_sent = self.bytes;
+        report.wire_bytes = wire_bytes;
+        report.tail_received_bytes = result.received_bytes;
+        report.preprocess_ms = self.preprocess_ms;
+        report.head_ms = self.device_ms;
+        report.uplink_ms = (round_trip_ms - result.tail_ms).max(0.0);
+        report.tail_ms = result.tail_ms;
+        report.total_ms = (now - self.started).as_secs_f64() * 1e3;
+        report
     }
 
     fn unanswered(self, status: Status, kind: &str, message: String) -> FrameReport {
-        let mut report = failed(self.frame_id, self.source, kind, message);
-        report.status = status;
+        let mut report = FrameReport::unanswered(self.frame_id, self.source, status, kind, message);
+        report.mode = self.mode.name();
+        report.choice = self.choice;
         report.coding = Some(self.coding);
         report.bytes_sent = self.bytes;
         report.preprocess_ms = self.preprocess_ms;
-        report.head_ms = self.head_ms;
+        report.head_ms = self.device_ms;
         report.total_ms = self.started.elapsed().as_secs_f64() * 1e3;
         report
     }
@@ -471,24 +620,27 @@ fn local_report(
     source: String,
     started: Instant,
     ran: Result<Result<(Outcome, f64), HeadError>, tokio::task::JoinError>,
-    why: String,
+    note: Option<String>,
 ) -> FrameReport {
     let mut report = match ran {
         Ok(Ok((outcome, model_ms))) => {
-            let mut report = blank(frame_id, source, Status::Answered, outcome);
+            let mut report = FrameReport::blank(frame_id, source, Status::Answered, outcome);
             report.head_ms = model_ms;
             report
         }
-        Ok(Err(e)) => failed(frame_id, source, failure_kind(&e), e),
-        Err(join) => failed(
+        Ok(Err(e)) => {
+            FrameReport::unanswered(frame_id, source, Status::Failed, failure_kind(&e), e)
+        }
+        Err(join) => FrameReport::unanswered(
             frame_id,
             source,
+            Status::Failed,
             "input",
             format!("local model panicked: {join}"),
         ),
     };
-    report.mode = "local";
-    report.note = Some(format!("{why}; ran the full model on this device"));
+    report.mode = Mode::Local.name();
+    report.note = note;
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
     report
 }
@@ -498,43 +650,6 @@ fn failure_kind(error: &HeadError) -> &'static str {
         HeadError::Codec(_) => "codec",
         HeadError::Uplink { .. } | HeadError::BundleMismatch { .. } => "uplink",
         _ => "input",
-    }
-}
-
-fn dropped(frame_id: u64, source: String, message: String) -> FrameReport {
-    let mut report = failed(frame_id, source, "link_down", message);
-    report.status = Status::Dropped;
-    report
-}
-
-fn failed(frame_id: u64, source: String, kind: &str, message: impl ToString) -> FrameReport {
-    let error = Failure {
-        kind: kind.to_string(),
-        message: message.to_string(),
-    };
-    blank(frame_id, source, Status::Failed, Outcome::Failed { error })
-}
-
-/// A report with `outcome` and nothing measured yet.
-fn blank(frame_id: u64, source: String, status: Status, outcome: Outcome) -> FrameReport {
-    FrameReport {
-        frame_id,
-        source,
-        status,
-        mode: "split",
-        outcome,
-        server: None,
-        sends: 0,
-        note: None,
-        coding: None,
-        bytes_sent: 0,
-        wire_bytes: 0,
-        tail_received_bytes: 0,
-        preprocess_ms: 0.0,
-        head_ms: 0.0,
-        uplink_ms: 0.0,
-        tail_ms: 0.0,
-        total_ms: 0.0,
     }
 }
 

@@ -23,6 +23,9 @@
 //!   sent; one on the stream carries its remaining time to the tail, which drops it unrun
 //!   when late. If the stream gives no answer at all for a frame a grace period past its
 //!   deadline, the stream is taken for dead.
+//! - **Link estimate.** Every answer is a transfer sample and every negotiation a round
+//!   trip ([`LinkEstimator`]); with `probe_interval`, a small probe on the open connection
+//!   now and then keeps the round trip fresh. [`Session::estimate`] reads it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -34,7 +37,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::uplink::{ConnectOptions, FrameSender, ResultReceiver, Uplink, UplinkResult};
+use crate::link_estimate::{LinkEstimate, LinkEstimator};
+use crate::uplink::{ConnectOptions, FrameSender, Payload, ResultReceiver, Uplink, UplinkResult};
 
 /// How a session reaches its tails.
 #[derive(Debug, Clone)]
@@ -55,6 +59,9 @@ pub struct SessionConfig {
     /// While the link is down, answer frames `LinkDown` at once instead of holding them
     /// until it is back or their deadline passes.
     pub fail_fast_when_down: bool,
+    /// Measure the round trip with a small probe this often while connected (`None`: only
+    /// at each connect).
+    pub probe_interval: Option<Duration>,
 }
 
 impl SessionConfig {
@@ -69,6 +76,7 @@ impl SessionConfig {
             backoff_max: Duration::from_secs(10),
             stall_grace: Duration::from_secs(1),
             fail_fast_when_down: false,
+            probe_interval: None,
         }
     }
 }
@@ -106,8 +114,10 @@ pub enum Delivery {
 /// A frame waiting for its delivery.
 struct Job {
     frame_id: u64,
-    bytes: Vec<u8>,
+    payload: Payload,
     deadline: Instant,
+    /// When it was last put on a stream.
+    sent_at: Option<Instant>,
     sends: u32,
     wire_bytes: usize,
     /// Taken when the delivery is made, so there is only ever one.
@@ -132,6 +142,18 @@ struct LinkState {
     down: AtomicBool,
     /// The last connection error.
     last_error: std::sync::Mutex<String>,
+    /// The tail on the open stream also runs the full model (takes offloaded images).
+    full_model: AtomicBool,
+    /// Round trip and bandwidth, from answers and probes.
+    estimator: std::sync::Mutex<LinkEstimator>,
+}
+
+impl LinkState {
+    fn with_estimator(&self, f: impl FnOnce(&mut LinkEstimator)) {
+        if let Ok(mut estimator) = self.estimator.lock() {
+            f(&mut estimator);
+        }
+    }
 }
 
 /// The handle to a running session; dropping it (and every clone) lets the session finish
@@ -181,19 +203,36 @@ impl Session {
             .unwrap_or_default()
     }
 
-    /// Hands a coded frame to the session; the receiver gets its one [`Delivery`]. Waits
-    /// while the session's queue is full.
+    /// Whether the tail on the open stream also runs the bundle's full model, so it takes
+    /// offloaded images. False while no stream is open.
+    pub fn serves_full_model(&self) -> bool {
+        self.is_up() && self.state.full_model.load(Ordering::Relaxed)
+    }
+
+    /// The link's round trip and bandwidth as measured so far (kept across reconnects: the
+    /// link is usually the same one).
+    pub fn estimate(&self) -> LinkEstimate {
+        self.state
+            .estimator
+            .lock()
+            .map(|e| e.estimate())
+            .unwrap_or_default()
+    }
+
+    /// Hands a frame to the session; the receiver gets its one [`Delivery`]. Waits while
+    /// the session's queue is full.
     pub async fn submit(
         &self,
         frame_id: u64,
-        bytes: Vec<u8>,
+        payload: impl Into<Payload>,
         deadline: Instant,
     ) -> oneshot::Receiver<Delivery> {
         let (reply, delivery) = oneshot::channel();
         let job = Job {
             frame_id,
-            bytes,
+            payload: payload.into(),
             deadline,
+            sent_at: None,
             sends: 0,
             wire_bytes: 0,
             reply: Some(reply),
@@ -210,6 +249,8 @@ impl Session {
 /// A connected stream.
 struct Connection {
     server: String,
+    /// For probes beside the stream.
+    uplink: Uplink,
     sender: FrameSender,
     results: ResultReceiver,
 }
@@ -243,6 +284,7 @@ struct Driver {
     last_error: String,
     backoff: Backoff,
     next_dial: Instant,
+    next_probe: Option<Instant>,
 }
 
 impl Driver {
@@ -269,6 +311,7 @@ impl Driver {
             last_error: "not connected yet".into(),
             backoff,
             next_dial: Instant::now(),
+            next_probe: None,
         }
     }
 
@@ -294,7 +337,7 @@ impl Driver {
                 Event::Job(Some(job)) => self.accept(job),
                 Event::Job(None) => self.incoming_open = false,
                 Event::Answer(answer) => self.answer(answer),
-                Event::Timer => {}
+                Event::Timer => self.probe_if_due(),
             }
         }
         self.state.up.store(false, Ordering::Relaxed);
@@ -325,7 +368,8 @@ impl Driver {
             .front()
             .map(|j| j.deadline + self.config.stall_grace);
         let dial = self.connection.is_none().then_some(self.next_dial);
-        [waiting, stall, dial]
+        let probe = self.connection.as_ref().and(self.next_probe);
+        [waiting, stall, dial, probe]
             .into_iter()
             .flatten()
             .fold(far, Instant::min)
@@ -391,9 +435,10 @@ impl Driver {
             // so this does not wait on a stalled stream.
             let sent = connection
                 .sender
-                .send_within(job.frame_id, job.bytes.clone(), Some(remaining))
+                .send_within(job.frame_id, job.payload.clone(), Some(remaining))
                 .await;
             job.sends += 1;
+            job.sent_at = Some(Instant::now());
             match sent {
                 Ok(wire_bytes) => {
                     job.wire_bytes = wire_bytes;
@@ -433,6 +478,13 @@ impl Driver {
                     .map(|c| c.server.clone())
                     .unwrap_or_default();
                 let (sends, wire_bytes) = (job.sends, job.wire_bytes);
+                if let Some(sent_at) = job.sent_at {
+                    let tail =
+                        Duration::try_from_secs_f64(result.tail_ms / 1e3).unwrap_or_default();
+                    let net = sent_at.elapsed().saturating_sub(tail);
+                    let bytes = job.payload.len();
+                    self.state.with_estimator(|e| e.record_transfer(bytes, net));
+                }
                 self.answered_here += 1;
                 if self.answered_here == 1 {
                     // The tail works: forget the failures before it.
@@ -484,14 +536,27 @@ impl Driver {
         };
         let opened = match Uplink::connect_with(&server, self.bundle_id, &self.config.connect).await
         {
-            Ok(mut uplink) => uplink.open_stream(self.config.window).await,
+            Ok(mut uplink) => uplink
+                .open_stream(self.config.window)
+                .await
+                .map(|(sender, results)| (uplink, sender, results)),
             Err(error) => Err(error),
         };
         match opened {
-            Ok((sender, results)) => {
+            Ok((uplink, sender, results)) => {
                 tracing::info!(server, "uplink stream open");
+                let rtt = uplink.negotiate_rtt();
+                self.state.with_estimator(|e| e.record_round_trip(rtt));
+                self.state
+                    .full_model
+                    .store(uplink.serves_full_model(), Ordering::Relaxed);
+                self.next_probe = self
+                    .config
+                    .probe_interval
+                    .map(|every| Instant::now() + every);
                 self.connection = Some(Connection {
                     server,
+                    uplink,
                     sender,
                     results,
                 });
@@ -505,6 +570,30 @@ impl Driver {
                 self.failed_attempt();
             }
         }
+    }
+
+    /// Sends a probe beside the stream when one is due; its round trip goes to the
+    /// estimate. It runs on its own task, so a slow link does not hold the session up.
+    fn probe_if_due(&mut self) {
+        let (Some(due), Some(every), Some(connection)) = (
+            self.next_probe,
+            self.config.probe_interval,
+            self.connection.as_ref(),
+        ) else {
+            return;
+        };
+        if Instant::now() < due {
+            return;
+        }
+        self.next_probe = Some(Instant::now() + every);
+        let mut uplink = connection.uplink.clone();
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            // A probe that fails says nothing the stream will not say itself.
+            if let Ok(Ok(rtt)) = tokio::time::timeout(every, uplink.probe()).await {
+                state.with_estimator(|e| e.record_round_trip(rtt));
+            }
+        });
     }
 
     /// A dial (or a stream that answered nothing) failed: try the next server now, or, once

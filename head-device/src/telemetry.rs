@@ -5,15 +5,17 @@
 //!
 //! | name | type | meaning |
 //! |---|---|---|
-//! | `cleave_head_frames_total{status, mode}` | counter | frames reported, by status (`answered`, `failed`, `expired`, `dropped`, `unchanged`) and mode (`split`, `local`) |
-//! | `cleave_head_sent_bytes_total` | counter | coded feature-frame bytes sent, every send counted |
+//! | `cleave_head_frames_total{status, mode}` | counter | frames reported, by status (`answered`, `failed`, `expired`, `dropped`, `unchanged`) and mode (`split`, `local`, `offload`) |
+//! | `cleave_head_sent_bytes_total` | counter | bytes sent (coded features or JPEG), every send counted |
 //! | `cleave_head_wire_bytes_total` | counter | gRPC message bytes of those sends |
 //! | `cleave_head_resends_total` | counter | sends beyond the first (frames resent after a lost stream) |
 //! | `cleave_head_frame_duration_seconds{mode}` | histogram | capture to result, answered frames |
-//! | `cleave_head_uplink_duration_seconds` | histogram | send to answer, less the tail's time (split frames) |
-//! | `cleave_head_tail_duration_seconds` | histogram | the tail's own time (split frames) |
+//! | `cleave_head_uplink_duration_seconds` | histogram | send to answer, less the tail's time (remote frames) |
+//! | `cleave_head_tail_duration_seconds` | histogram | the tail's own time (remote frames) |
 //! | `cleave_head_link_up` | gauge | 1 while a stream to a tail is open |
 //! | `cleave_head_link_down` | gauge | 1 while every tail failed in a row (the link-down policy applies) |
+//! | `cleave_head_link_rtt_seconds` | gauge | estimated round trip of a small message |
+//! | `cleave_head_link_bandwidth_bits_per_second` | gauge | estimated bandwidth a frame gets |
 //!
 //! The `metrics` crate has one recorder per process, installed on first use.
 
@@ -28,6 +30,7 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::LinkEstimate;
 use crate::report::{FrameReport, Status};
 
 /// Frames reported, by status and mode.
@@ -48,6 +51,10 @@ pub const TAIL_DURATION: &str = "cleave_head_tail_duration_seconds";
 pub const LINK_UP: &str = "cleave_head_link_up";
 /// Every tail failed in a row.
 pub const LINK_DOWN: &str = "cleave_head_link_down";
+/// Estimated round trip.
+pub const LINK_RTT: &str = "cleave_head_link_rtt_seconds";
+/// Estimated bandwidth.
+pub const LINK_BANDWIDTH: &str = "cleave_head_link_bandwidth_bits_per_second";
 
 fn recorder() -> Option<&'static PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -82,6 +89,12 @@ fn describe() {
     describe_histogram!(TAIL_DURATION, Unit::Seconds, "The tail's own time");
     describe_gauge!(LINK_UP, "1 while a stream to a tail is open");
     describe_gauge!(LINK_DOWN, "1 while every tail failed in a row");
+    describe_gauge!(
+        LINK_RTT,
+        Unit::Seconds,
+        "Estimated round trip of a small message"
+    );
+    describe_gauge!(LINK_BANDWIDTH, "Estimated bits per second a frame gets");
 }
 
 /// Counts one report.
@@ -110,13 +123,19 @@ pub fn record(report: &FrameReport) {
     }
 }
 
-/// Sets the link gauges.
-pub fn link(up: bool, down: bool) {
+/// Sets the link gauges: state and estimates.
+pub fn link(up: bool, down: bool, estimate: &LinkEstimate) {
     if recorder().is_none() {
         return;
     }
     gauge!(LINK_UP).set(f64::from(u8::from(up)));
     gauge!(LINK_DOWN).set(f64::from(u8::from(down)));
+    if let Some(rtt) = estimate.rtt {
+        gauge!(LINK_RTT).set(rtt.as_secs_f64());
+    }
+    if let Some(rate) = estimate.bandwidth_bps {
+        gauge!(LINK_BANDWIDTH).set(rate);
+    }
 }
 
 /// The current values in the Prometheus text format.

@@ -4,6 +4,8 @@ use cleave_codec::BundleId;
 use cleave_proto::BUNDLE_ID_METADATA;
 use cleave_proto::v1::split_client::SplitClient;
 use cleave_proto::v1::{FeatureFrame, FrameResult, NegotiateRequest, frame_error, frame_result};
+use std::time::{Duration, Instant};
+
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,24 +24,55 @@ pub struct Uplink {
     client: SplitClient<Channel>,
     bundle_id: BundleId,
     max_frame_bytes: usize,
+    full_model: bool,
+    negotiate_rtt: Duration,
+}
+
+/// What a frame carries to the tail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// A coded feature frame, for the bundle's tail model (`split`).
+    Features(Vec<u8>),
+    /// The model input as a JPEG, for the bundle's full model on the server (`offload`).
+    Image(Vec<u8>),
+}
+
+impl Payload {
+    /// Bytes of the frame or image.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Features(bytes) | Self::Image(bytes) => bytes.len(),
+        }
+    }
+
+    /// Whether it carries nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(frame: Vec<u8>) -> Self {
+        Self::Features(frame)
+    }
 }
 
 /// How a head dials a tail.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
     /// Longest a TCP connect plus negotiation may take.
-    pub connect_timeout: std::time::Duration,
+    pub connect_timeout: Duration,
     /// HTTP/2 pings at this interval, also while idle; a connection whose ping is not
     /// answered within the same time is closed, so a link that went silent (no reset, no
     /// FIN) is noticed.
-    pub keepalive: std::time::Duration,
+    pub keepalive: Duration,
 }
 
 impl Default for ConnectOptions {
     fn default() -> Self {
         Self {
-            connect_timeout: std::time::Duration::from_secs(5),
-            keepalive: std::time::Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            keepalive: Duration::from_secs(10),
         }
     }
 }
@@ -126,6 +159,7 @@ impl Uplink {
                 std::env::consts::ARCH
             ),
         };
+        let asked = Instant::now();
         let response = match client.negotiate(request).await {
             Ok(response) => response.into_inner(),
             Err(status)
@@ -151,7 +185,39 @@ impl Uplink {
             client,
             bundle_id,
             max_frame_bytes: usize::try_from(response.max_frame_bytes).unwrap_or(usize::MAX),
+            full_model: response.full_model,
+            negotiate_rtt: asked.elapsed(),
         })
+    }
+
+    /// Whether the tail also runs the bundle's full model, so it takes offloaded images.
+    pub fn serves_full_model(&self) -> bool {
+        self.full_model
+    }
+
+    /// How long negotiation took: one small request and its answer on an open connection,
+    /// the head's first sample of the round-trip time.
+    pub fn negotiate_rtt(&self) -> Duration {
+        self.negotiate_rtt
+    }
+
+    /// Measures one round trip: a negotiation on the open connection (a few dozen bytes
+    /// each way, no model run), multiplexed beside any frame stream.
+    ///
+    /// # Errors
+    ///
+    /// [`HeadError::Uplink`] if the tail does not answer.
+    pub async fn probe(&mut self) -> Result<Duration, HeadError> {
+        let request = NegotiateRequest {
+            bundle_id: self.bundle_id.to_string(),
+            client: "cleave-head probe".into(),
+        };
+        let asked = Instant::now();
+        self.client
+            .negotiate(request)
+            .await
+            .map_err(|status| self.status_error(status))?;
+        Ok(asked.elapsed())
     }
 
     /// The tail's address.
@@ -242,8 +308,8 @@ impl FrameSender {
     /// # Errors
     ///
     /// [`HeadError::Uplink`] if the stream has closed.
-    pub async fn send(&self, frame_id: u64, frame: Vec<u8>) -> Result<usize, HeadError> {
-        self.send_within(frame_id, frame, None).await
+    pub async fn send(&self, frame_id: u64, frame: impl Into<Payload>) -> Result<usize, HeadError> {
+        self.send_within(frame_id, frame.into(), None).await
     }
 
     /// As [`send`](Self::send); the tail drops the frame unrun if it cannot start it within
@@ -255,16 +321,21 @@ impl FrameSender {
     pub async fn send_within(
         &self,
         frame_id: u64,
-        frame: Vec<u8>,
-        deadline: Option<std::time::Duration>,
+        payload: Payload,
+        deadline: Option<Duration>,
     ) -> Result<usize, HeadError> {
         let deadline_ms = deadline.map_or(0, |d| {
             u32::try_from(d.as_millis().max(1)).unwrap_or(u32::MAX)
         });
+        let (frame, image) = match payload {
+            Payload::Features(frame) => (frame, Vec::new()),
+            Payload::Image(image) => (Vec::new(), image),
+        };
         let message = FeatureFrame {
             frame_id,
             frame,
             deadline_ms,
+            image,
         };
         let wire = message.encoded_len() + GRPC_PREFIX_BYTES;
         self.tx.send(message).await.map_err(|_| HeadError::Uplink {

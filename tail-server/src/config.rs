@@ -14,7 +14,7 @@
 //! backend = "tract"                     # tract | ort | ort-cuda | ort-tensorrt
 //! instances = 1                         # model threads (each loads its own copy)
 //! threads = 0                           # threads per run (ONNX Runtime); 0: one per core
-//! full_model = false                    # also serve the bundle's full model (KServe only)
+//! full_model = false                    # also serve the full model (KServe, head offload)
 //! [model_defaults.batching]
 //! max_batch_size = 8
 //! max_queue_delay_us = 1000
@@ -49,7 +49,8 @@ pub struct ModelSettings {
     pub threads: Option<usize>,
     /// The dynamic batcher's settings.
     pub batching: BatchingConfig,
-    /// Also serve the bundle's full model (image in, logits out) over KServe.
+    /// Also serve the bundle's full model (image in, logits out): over KServe, and to heads
+    /// that offload JPEGs.
     pub full_model: bool,
 }
 

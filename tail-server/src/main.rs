@@ -69,7 +69,8 @@ struct Args {
     /// deadline are dropped before compute. [default: 0]
     #[arg(long, value_name = "MS")]
     timeout_ms: Option<u64>,
-    /// Also serve each bundle's full model (image tensor in) over KServe as `<name>-full`.
+    /// Also serve each bundle's full model: over KServe as `<name>-full` (image tensor in),
+    /// and to heads in `offload` mode (a JPEG of the model input on their cleave.v1 stream).
     #[arg(long)]
     full_model: bool,
     /// Largest coded feature frame (and KServe message) accepted, in bytes. [default: 4194304]

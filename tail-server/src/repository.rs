@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use cleave_codec::{BundleId, BundleTag, FrameDecoder, FrameError, Limits};
 use cleave_engine::{
-    Bundle, ClassScore, DbPostprocess, Detection, LoadOptions, Model, Role, Tensor, top_k,
+    Bundle, ClassScore, DbPostprocess, Detection, LoadOptions, Model, Preprocessor, Role, Tensor,
+    top_k,
 };
 
 use crate::telemetry::{Failure, ModelMetrics};
@@ -130,6 +131,75 @@ impl ServedModel {
         shape.extend_from_slice(expected);
         let restored = decoded.dequantize().map_err(FrameError::from)?;
         Ok(Tensor::new(shape, restored))
+    }
+
+    /// Decodes an offloaded image — JPEG or PNG of exactly the model's input size, cropped
+    /// and resized by the head — into the full model's input (`[1, 3, H, W]`).
+    ///
+    /// The size is checked from the image's header before its pixels are decoded, so a
+    /// hostile image cannot make the tail allocate more than one input's worth.
+    ///
+    /// # Errors
+    ///
+    /// [`TailError::Unsupported`] for a tail model (it takes feature frames),
+    /// [`TailError::BadRequest`] for bytes that are not an image of the input's size.
+    pub fn decode_image(&self, bytes: &[u8]) -> Result<Tensor, TailError> {
+        if self.role != Role::Full {
+            return Err(TailError::Unsupported(format!(
+                "{} takes feature frames, not images",
+                self.name
+            )));
+        }
+        let spec = &self.bundle.manifest().input;
+        let (width, height) = (spec.width as u32, spec.height as u32);
+        let bad = |reason: String| {
+            TailError::BadRequest(format!(
+                "the offloaded image is not a {width}x{height} JPEG or PNG: {reason}"
+            ))
+        };
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| bad(e.to_string()))?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(width);
+        limits.max_image_height = Some(height);
+        limits.max_alloc = Some(u64::from(width) * u64::from(height) * 4 + (1 << 20));
+        reader.limits(limits.clone());
+        let (w, h) = reader.into_dimensions().map_err(|e| bad(e.to_string()))?;
+        if (w, h) != (width, height) {
+            return Err(bad(format!("it is {w}x{h}")));
+        }
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| bad(e.to_string()))?;
+        reader.limits(limits);
+        let rgb = reader.decode().map_err(|e| bad(e.to_string()))?.to_rgb8();
+        let sample = Preprocessor::new(spec).tensor(&rgb);
+        Ok(Tensor::stack(&[&sample]))
+    }
+
+    /// Decodes an offloaded image and runs the full model on it; counts the request, its
+    /// bytes and its outcome.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`ServedModel::decode_image`] and [`ServedModel::infer`].
+    pub async fn infer_image(
+        &self,
+        bytes: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<Answer, TailError> {
+        let received = Instant::now();
+        self.metrics.received(bytes.len());
+        let input = match self.decode_image(bytes) {
+            Ok(input) => input,
+            Err(error) => {
+                self.metrics
+                    .answered(Err(Failure::BadInput), received.elapsed());
+                return Err(error);
+            }
+        };
+        self.run(input, deadline, received).await
     }
 
     /// Decodes one frame and runs it; counts the request, its bytes and its outcome.
@@ -331,6 +401,13 @@ impl ModelRepository {
                 requested: id.to_string(),
                 served: self.served_bundles(),
             })
+    }
+
+    /// The full model of a bundle, if this tail serves it (`full_model = true`).
+    pub fn full_for(&self, id: BundleId) -> Option<&Arc<ServedModel>> {
+        self.models
+            .iter()
+            .find(|m| m.role == Role::Full && m.bundle.id() == id)
     }
 
     /// The tail model whose bundle id starts with a frame's tag.

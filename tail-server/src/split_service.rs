@@ -74,19 +74,56 @@ fn parse_id(text: &str, repository: &ModelRepository) -> Result<BundleId, TailEr
         })
 }
 
-/// Runs one frame on `model` and always answers: a result or a per-frame error.
-#[tracing::instrument(name = "frame", skip_all, fields(frame_id = frame.frame_id, model = model.name()))]
-async fn process(model: &ServedModel, frame: FeatureFrame, call: Option<Instant>) -> FrameResult {
+/// The models a head's frames go to: the bundle's tail for feature frames, and its full
+/// model (if served) for offloaded images.
+#[derive(Debug, Clone)]
+struct Route {
+    tail: Arc<ServedModel>,
+    full: Option<Arc<ServedModel>>,
+}
+
+impl Route {
+    fn new(tail: Arc<ServedModel>, repository: &ModelRepository) -> Self {
+        let full = repository.full_for(tail.bundle().id()).cloned();
+        Self { tail, full }
+    }
+
+    /// Runs a frame's feature frame on the tail, or its image on the full model.
+    async fn run(
+        &self,
+        frame: &FeatureFrame,
+        deadline: Option<Instant>,
+    ) -> Result<(&ServedModel, crate::repository::Answer), TailError> {
+        if frame.image.is_empty() {
+            return Ok((
+                &self.tail,
+                self.tail.infer_frame(&frame.frame, deadline).await?,
+            ));
+        }
+        let full = self.full.as_deref().ok_or_else(|| {
+            TailError::Unsupported(format!(
+                "this tail does not run the full model of {} (serve it with `full_model = \
+                 true`), so it cannot take offloaded images",
+                self.tail.name()
+            ))
+        })?;
+        Ok((full, full.infer_image(&frame.image, deadline).await?))
+    }
+}
+
+/// Runs one frame and always answers: a result or a per-frame error.
+#[tracing::instrument(name = "frame", skip_all, fields(frame_id = frame.frame_id, model = route.tail.name()))]
+async fn process(route: &Route, frame: FeatureFrame, call: Option<Instant>) -> FrameResult {
     let started = Instant::now();
-    let received_bytes = frame.frame.len() as u64;
+    let received_bytes = frame.frame.len().max(frame.image.len()) as u64;
     let deadline = deadline::for_frame(frame.deadline_ms, call, started);
     let mut result = FrameResult {
         frame_id: frame.frame_id,
         received_bytes,
         ..Default::default()
     };
-    let outcome = match model.infer_frame(&frame.frame, deadline).await {
-        Ok(answer) => {
+    let outcome = match route.run(&frame, deadline).await {
+        Ok((model, answer)) => {
             result.queue_ms = answer.queue.as_secs_f64() * 1e3;
             result.batch_size = u32::try_from(answer.batch_size).unwrap_or(u32::MAX);
             result.compute_ms = answer.compute.as_secs_f64() * 1e3;
@@ -158,6 +195,7 @@ impl Split for SplitService {
             bundle_id: model.bundle().id().to_string(),
             bundle_name: format!("{} {}", manifest.name, manifest.version),
             max_frame_bytes: self.max_frame_bytes as u64,
+            full_model: self.repository.full_for(id).is_some(),
         }))
     }
 
@@ -165,13 +203,19 @@ impl Split for SplitService {
         let call = deadline::from_metadata(request.metadata(), Instant::now());
         let model = match self.tail_from_metadata(request.metadata())? {
             Some(model) => Ok(model),
+            None if request.get_ref().frame.is_empty() && !request.get_ref().image.is_empty() => {
+                Err(TailError::BadRequest(format!(
+                    "an offloaded image carries no bundle tag: name the bundle in the \
+                     `{BUNDLE_ID_METADATA}` metadata"
+                )))
+            }
             None => peek_bundle_tag(&request.get_ref().frame)
                 .map_err(TailError::from)
                 .and_then(|tag| self.repository.tail_for_tag(tag).cloned()),
         };
         let frame = request.into_inner();
         Ok(Response::new(match model {
-            Ok(model) => process(&model, frame, call).await,
+            Ok(model) => process(&Route::new(model, &self.repository), frame, call).await,
             // A frame nobody here can decode is that frame's error, as on a stream.
             Err(error) => FrameResult {
                 frame_id: frame.frame_id,
@@ -195,7 +239,7 @@ impl Split for SplitService {
             })?;
         let frames = request.into_inner();
         Ok(Response::new(ordered_results(
-            model,
+            Route::new(model, &self.repository),
             frames,
             self.stream_window,
             self.draining.clone(),
@@ -205,7 +249,7 @@ impl Split for SplitService {
 
 /// Runs up to `window` frames at once and yields their results in frame order.
 fn ordered_results(
-    model: Arc<ServedModel>,
+    route: Route,
     frames: Streaming<FeatureFrame>,
     window: usize,
     draining: Draining,
@@ -219,8 +263,8 @@ fn ordered_results(
              run; send them again (to another tail)",
         ),
         move |frame| {
-            let model = model.clone();
-            async move { process(&model, frame, None).await }
+            let route = route.clone();
+            async move { process(&route, frame, None).await }
         },
     ))
 }

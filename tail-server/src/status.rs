@@ -71,6 +71,10 @@ pub enum TailError {
     /// The server is shutting down.
     #[error("{0}")]
     ShuttingDown(String),
+    /// The request asks for something this tail does not serve (an image for a bundle
+    /// whose full model it does not run).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl From<BatchError> for TailError {
@@ -97,6 +101,7 @@ impl TailError {
             TailError::Overloaded(_) => Kind::Overloaded,
             TailError::DeadlineExceeded(_) => Kind::DeadlineExceeded,
             TailError::ShuttingDown(_) => Kind::Unavailable,
+            TailError::Unsupported(_) => Kind::Unsupported,
             _ => Kind::Inference,
         };
         WireFrameError {
@@ -119,6 +124,7 @@ impl From<TailError> for tonic::Status {
             TailError::Overloaded(_) => tonic::Status::resource_exhausted(message),
             TailError::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(message),
             TailError::ShuttingDown(_) => tonic::Status::unavailable(message),
+            TailError::Unsupported(_) => tonic::Status::unimplemented(message),
             TailError::BundleMismatch { tail, .. } => {
                 // The tail's id travels as metadata too, so a head can name it exactly.
                 let mut status = tonic::Status::failed_precondition(message);

@@ -132,6 +132,7 @@ async fn head_and_tail_with_different_bundles_refuse_each_other() {
             frame_id: 1,
             frame: frame.bytes,
             deadline_ms: 0,
+            image: Vec::new(),
         })
         .await
         .unwrap()

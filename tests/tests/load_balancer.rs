@@ -658,6 +658,7 @@ async fn heads_through_nginx_are_answered_spread_over_tails_and_survive_a_drain(
                 frame_id: 9,
                 frame,
                 deadline_ms: 0,
+                image: Vec::new(),
             });
             request
                 .metadata_mut()

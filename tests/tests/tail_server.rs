@@ -80,6 +80,7 @@ async fn stream_all(addr: SocketAddr, bundle_id: &str, frames: &[Vec<u8>]) -> Ve
             frame_id: i as u64,
             frame: f.clone(),
             deadline_ms: 0,
+            image: Vec::new(),
         })
         .collect();
     let mut request = tonic::Request::new(tokio_stream::iter(messages));
@@ -439,6 +440,7 @@ async fn a_stalled_client_and_a_garbage_client_do_not_starve_a_good_one() {
             frame_id: i,
             frame: good_frames[0].clone(),
             deadline_ms: 0,
+            image: Vec::new(),
         })
         .collect();
     let mut request = tonic::Request::new(tokio_stream::iter(flood));
@@ -478,6 +480,7 @@ async fn oversized_and_late_frames_get_their_own_errors() {
         frame_id: 7,
         frame,
         deadline_ms,
+        image: Vec::new(),
     };
 
     let late = client
@@ -562,6 +565,7 @@ async fn sigterm_turns_unready_finishes_in_flight_frames_and_exits_in_time() {
             frame_id: i as u64,
             frame: frame.clone(),
             deadline_ms: 0,
+            image: Vec::new(),
         })
         .await
         .unwrap();
@@ -797,6 +801,7 @@ async fn a_connection_gets_no_more_streams_than_the_limit() {
         frame_id: 1,
         frame,
         deadline_ms: 0,
+        image: Vec::new(),
     };
     let mut second_request = tonic::Request::new(tokio_stream::iter(vec![message]));
     second_request

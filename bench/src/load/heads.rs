@@ -124,6 +124,7 @@ fn frame_for(plan: &Plan, index: usize, id: u64) -> FeatureFrame {
         frame_id: id,
         frame: plan.frames[at].clone(),
         deadline_ms: 0,
+        image: Vec::new(),
     }
 }
 

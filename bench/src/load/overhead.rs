@@ -132,6 +132,7 @@ async fn rounds(p: Paired) -> anyhow::Result<Overhead> {
                         frame_id: id,
                         frame: p.coded[usize::try_from(id).unwrap_or(0) % p.coded.len()].clone(),
                         deadline_ms: 0,
+                        image: Vec::new(),
                     };
                     let sent = Instant::now();
                     tx.send(frame).await.context("the stream closed")?;

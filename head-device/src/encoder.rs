@@ -162,8 +162,30 @@ impl HeadEncoder {
     /// As [`encode_path`](Self::encode_path), without the file errors.
     pub fn encode_tensor(&self, input: &Tensor) -> Result<EncodedFrame, HeadError> {
         let started = Instant::now();
-        let batch = Tensor::stack(&[input]);
-        let features = self.model.run(&batch)?;
+        let features = self.features(input)?;
+        let mut frame = self.code(&features)?;
+        frame.head_ms = started.elapsed().as_secs_f64() * 1e3;
+        Ok(frame)
+    }
+
+    /// Runs the head model on a preprocessed `[3, H, W]` input: the bottleneck
+    /// (`[1, ..bottleneck]`), before quantization.
+    ///
+    /// # Errors
+    ///
+    /// [`HeadError::Engine`] if the model fails.
+    pub fn features(&self, input: &Tensor) -> Result<Tensor, HeadError> {
+        Ok(self.model.run(&Tensor::stack(&[input]))?)
+    }
+
+    /// Quantizes and codes the head's output with the encoder's policy; `head_ms` is the
+    /// coding time alone.
+    ///
+    /// # Errors
+    ///
+    /// [`HeadError::Codec`] if the features cannot be coded (e.g. NaN, or over budget).
+    pub fn code(&self, features: &Tensor) -> Result<EncodedFrame, HeadError> {
+        let started = Instant::now();
         let shape = &self.bundle.manifest().bottleneck.shape;
         let tables = self.bundle.coding_tables();
         let encoder = FrameEncoder::new(self.bundle.id().tag(), tables);

@@ -24,6 +24,7 @@ pub mod energy;
 mod link_estimate;
 mod local;
 pub mod mode;
+mod prefilter;
 mod prepare;
 mod report;
 mod run;
@@ -39,6 +40,7 @@ pub use encoder::{CodingPolicy, EncodedFrame, HeadEncoder};
 pub use link_estimate::{LinkEstimate, LinkEstimator};
 pub use local::LocalModel;
 pub use mode::Mode;
+pub use prefilter::{Prefilter, Verdict as PrefilterVerdict};
 pub use report::{DetectedBox, Failure, FrameReport, Outcome, Score, Status};
 pub use run::{LinkDownPolicy, ModeSetting, RunOptions, RunSummary, run, write_json_line};
 pub use session::{Delivery, Session, SessionConfig};
@@ -80,6 +82,9 @@ pub enum HeadError {
         /// What is wrong.
         reason: String,
     },
+    /// The options ask for something the bundle cannot give.
+    #[error("{0}")]
+    Config(String),
     /// Writing the report failed.
     #[error("writing results: {0}")]
     Output(#[from] std::io::Error),

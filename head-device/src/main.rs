@@ -14,11 +14,13 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use cleave_codec::Codec;
 use cleave_engine::{Backend, Bundle};
-use cleave_head::mode::{AutoConfig, Modes, Objective};
+use cleave_head::energy::{EnergyMeter, PowerProfile, SensorOptions};
+use cleave_head::mode::{AutoConfig, Modes, Objective, PowerDraw};
 use cleave_head::sources::{SourceFrame, SourceSpec};
 use cleave_head::{
     CodingPolicy, ConnectOptions, HeadEncoder, LinkDownPolicy, LocalModel, Mode, ModeSetting,
-    RunOptions, Session, SessionConfig, config_file, sources, telemetry, write_json_line,
+    Prefilter, RunOptions, Session, SessionConfig, config_file, sources, telemetry,
+    write_json_line,
 };
 use tokio::sync::mpsc;
 
@@ -87,6 +89,23 @@ struct Args {
     /// `auto`: milliseconds between round-trip probes (a tiny request beside the stream).
     #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..))]
     probe_interval_ms: u64,
+    /// Drop frames the bundle's neural prefilter finds of no interest (for the bundled model:
+    /// no animal, vehicle or person); they are reported `dropped` with the prefilter's score.
+    /// In `offload` and `local` this costs a head run per frame.
+    #[arg(long)]
+    prefilter: bool,
+    /// The prefilter's threshold (0 to 1) instead of the bundle's: higher drops more.
+    #[arg(long, requires = "prefilter", value_parser = parse_fraction)]
+    prefilter_threshold: Option<f32>,
+    /// The board's power profile (`deploy/profiles/raspberry-pi-4.toml`): each frame's
+    /// energy is modelled from it, unless a board sensor (Jetson INA3221, RAPL) is readable,
+    /// in which case it is measured. Each line says which.
+    #[arg(long, value_name = "FILE")]
+    power_profile: Option<PathBuf>,
+    /// What `auto` minimizes: `latency`, or `energy` (needs --power-profile with the
+    /// radio's power, `[radio_tx]`).
+    #[arg(long, default_value = "latency", value_parser = ["latency", "energy"])]
+    objective: String,
     /// Frames in flight on the uplink at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     window: u32,
@@ -233,6 +252,52 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         "drop" => LinkDownPolicy::Drop,
         _ => LinkDownPolicy::Wait,
     };
+    let mut energy = EnergyMeter::new(
+        &SensorOptions::default(),
+        match &args.power_profile {
+            Some(path) => Some(PowerProfile::load(path)?),
+            None => None,
+        },
+    );
+    if energy.is_measured() {
+        // The baseline that makes a measured frame's energy "above idle"; before any frame.
+        if let Err(error) = energy.calibrate_idle(Duration::from_secs(1)) {
+            eprintln!("cleave-head: energy: idle baseline not measured ({error})");
+        }
+    }
+    eprintln!("cleave-head: energy: {}", energy.describe());
+    let objective = match args.objective.as_str() {
+        "energy" => {
+            let profile = energy
+                .profile()
+                .context("--objective energy needs --power-profile")?;
+            let radio = profile.radio_tx.as_ref().with_context(|| {
+                format!(
+                    "--objective energy needs the radio's transmit power ([radio_tx]) in the \
+                     profile {}; without it offloading would look free",
+                    profile.name
+                )
+            })?;
+            Objective::Energy(PowerDraw {
+                idle_w: profile.idle.watts,
+                compute_w: profile.compute.watts,
+                radio_w: radio.watts,
+            })
+        }
+        _ => Objective::Latency,
+    };
+    let prefilter = if args.prefilter {
+        let prefilter = Prefilter::new(&bundle, &args.backend, args.prefilter_threshold)?;
+        eprintln!(
+            "cleave-head: prefilter: threshold {:.3}, keeps frames where {}",
+            prefilter.threshold(),
+            prefilter.positive()
+        );
+        Some(Arc::new(prefilter))
+    } else {
+        None
+    };
+    let energy = (energy.is_measured() || energy.profile().is_some()).then(|| Arc::new(energy));
     let mode = match args.mode.as_str() {
         "auto" => ModeSetting::Auto(AutoConfig {
             modes: Modes::of(
@@ -242,7 +307,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                     .map(|m| mode_named(m))
                     .collect::<Vec<_>>(),
             ),
-            objective: Objective::Latency,
+            objective,
             hysteresis: f64::from(args.hysteresis),
             min_dwell: args.min_dwell,
             probe_every: args.probe_every,
@@ -272,6 +337,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         on_link_down,
         scene_threshold: args.scene_threshold,
         jpeg_quality: args.jpeg_quality,
+        prefilter,
+        energy,
     };
     let session = (mode != ModeSetting::Fixed(Mode::Local)).then(|| {
         Session::start(

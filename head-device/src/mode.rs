@@ -70,14 +70,15 @@ impl fmt::Display for Mode {
     }
 }
 
-/// The device's power draw in each state, for predicting energy.
+/// The device's power draw in each state, for predicting energy above idle (the
+/// definition of [`crate::energy`]: waiting for an answer costs nothing beyond idle).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PowerDraw {
-    /// Watts while idle (waiting for an answer).
+    /// Watts while idle.
     pub idle_w: f64,
     /// Watts while computing (all cores busy).
     pub compute_w: f64,
-    /// Watts while the radio transmits.
+    /// Watts above idle while the radio transmits.
     pub radio_w: f64,
 }
 
@@ -368,15 +369,11 @@ impl ModeChooser {
         };
         let energy_j = match self.config.objective {
             Objective::Latency => None,
-            Objective::Energy(power) => {
-                let waiting_ms = (latency_ms - device_ms - transmit_ms).max(0.0);
-                Some(
-                    (power.compute_w * device_ms
-                        + power.radio_w * transmit_ms
-                        + power.idle_w * waiting_ms)
-                        / 1e3,
-                )
-            }
+            Objective::Energy(power) => Some(
+                ((power.compute_w - power.idle_w).max(0.0) * device_ms
+                    + power.radio_w * transmit_ms)
+                    / 1e3,
+            ),
         };
         Some(Prediction {
             mode,
@@ -585,9 +582,9 @@ mod tests {
         let u = usable(link(2.0, 1.0));
         let offload = c.predict(Mode::Offload, &u.estimate).unwrap();
         let local = c.predict(Mode::Local, &u.estimate).unwrap();
-        // 20 kB at 1 Mbit/s: 160 ms of radio.
-        assert!((offload.energy_j.unwrap() - (2.0 * 0.003 + 50.0 * 0.16 + 0.007)).abs() < 1e-3);
-        assert!((local.energy_j.unwrap() - 0.24).abs() < 1e-9);
+        // 20 kB at 1 Mbit/s: 160 ms of radio; compute priced above idle (1 W).
+        assert!((offload.energy_j.unwrap() - (1.0 * 0.003 + 50.0 * 0.16)).abs() < 1e-9);
+        assert!((local.energy_j.unwrap() - 0.12).abs() < 1e-9);
         assert_eq!(steady(&mut c, &u, 5), Mode::Local);
     }
 

@@ -1,6 +1,6 @@
 //! The per-frame work that blocks: read the picture, crop and resize it, ask the scene
-//! gate, then do what the frame's mode needs here — code the head's features (`split`),
-//! encode a JPEG (`offload`) or run the whole model (`local`).
+//! gate and the prefilter, then do what the frame's mode needs here — code the head's
+//! features (`split`), encode a JPEG (`offload`) or run the whole model (`local`).
 //!
 //! It runs on tokio's blocking threads, never on the async workers.
 
@@ -12,6 +12,7 @@ use image::codecs::jpeg::JpegEncoder;
 use image::{DynamicImage, RgbImage};
 
 use crate::local::LocalModel;
+use crate::prefilter::Prefilter;
 use crate::report::Outcome;
 use crate::scene_gate::{SceneGate, Verdict};
 use crate::sources::Picture;
@@ -44,6 +45,14 @@ pub(crate) enum Prepared {
         /// The model input, kept for a local fallback if the link fails.
         input: Option<Tensor>,
     },
+    /// The prefilter saw nothing of interest.
+    Filtered {
+        interest: f32,
+        threshold: f32,
+        preprocess_ms: f64,
+        /// Head and prefilter.
+        device_ms: f64,
+    },
     /// Answered here by the full model.
     Local {
         ran: Result<(Outcome, f64), HeadError>,
@@ -67,10 +76,11 @@ fn picture(encoder: &HeadEncoder, picture: Picture) -> Result<RgbImage, HeadErro
     Ok(encoder.preprocessor().crop_resize(&image))
 }
 
-/// Preprocess, gate, then the mode's work.
+/// Preprocess, gate, prefilter, then the mode's work.
 pub(crate) fn prepare(
     encoder: &HeadEncoder,
     gate: Option<&Mutex<SceneGate>>,
+    prefilter: Option<&Prefilter>,
     source: Picture,
     work: &Work,
     keep_input: bool,
@@ -88,36 +98,56 @@ pub(crate) fn prepare(
             });
         }
     }
-    if let Work::Offload { quality } = work {
-        // The crop is the model input; the tail only normalizes it.
-        let preprocess_ms = ms_since(read);
-        let started = Instant::now();
-        let jpeg = jpeg(&rgb, *quality)?;
-        return Ok(Prepared::Ready {
-            payload: Payload::Image(jpeg),
-            coding: format!("jpeg q{quality}"),
-            preprocess_ms,
-            device_ms: ms_since(started),
-            input: keep_input.then(|| encoder.preprocessor().tensor(&rgb)),
-        });
-    }
-    let input = encoder.preprocessor().tensor(&rgb);
+    let offload = matches!(work, Work::Offload { .. });
+    // The offloaded JPEG is made from the crop; the tensor only if something here needs it.
+    let input = (!offload || prefilter.is_some() || keep_input)
+        .then(|| encoder.preprocessor().tensor(&rgb));
     let preprocess_ms = ms_since(read);
-    match work {
-        Work::Local(local) => Ok(Prepared::Local {
+    let started = Instant::now();
+    let features = match (&input, prefilter.is_some() || matches!(work, Work::Split)) {
+        (Some(input), true) => Some(encoder.features(input)?),
+        _ => None,
+    };
+    if let (Some(prefilter), Some(features)) = (prefilter, &features) {
+        let verdict = prefilter.check(features)?;
+        if !verdict.keep {
+            return Ok(Prepared::Filtered {
+                interest: verdict.interest,
+                threshold: prefilter.threshold(),
+                preprocess_ms,
+                device_ms: ms_since(started),
+            });
+        }
+    }
+    match (work, input, features) {
+        (Work::Offload { quality }, input, _) => {
+            let jpeg = jpeg(&rgb, *quality)?;
+            Ok(Prepared::Ready {
+                payload: Payload::Image(jpeg),
+                coding: format!("jpeg q{quality}"),
+                preprocess_ms,
+                device_ms: ms_since(started),
+                input: input.filter(|_| keep_input),
+            })
+        }
+        (Work::Local(local), Some(input), _) => Ok(Prepared::Local {
             ran: local.run(&input),
             preprocess_ms,
         }),
-        _ => {
-            let frame = encoder.encode_tensor(&input)?;
+        (_, input, Some(features)) => {
+            let frame = encoder.code(&features)?;
             Ok(Prepared::Ready {
                 coding: format!("{}, {}", frame.coding, frame.codec.name()),
                 payload: Payload::Features(frame.bytes),
                 preprocess_ms,
-                device_ms: frame.head_ms,
-                input: keep_input.then_some(input),
+                device_ms: ms_since(started),
+                input: input.filter(|_| keep_input),
             })
         }
+        // Unreachable by construction: split and local always have the input.
+        _ => Err(HeadError::Config(
+            "no model input for this frame's mode".into(),
+        )),
     }
 }
 

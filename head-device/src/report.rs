@@ -2,6 +2,8 @@
 
 use serde::Serialize;
 
+use crate::energy::EnergyReading;
+
 /// One ranked class.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Score {
@@ -124,6 +126,10 @@ pub struct FrameReport {
     pub tail_ms: f64,
     /// From reading the image to having the result.
     pub total_ms: f64,
+    /// The frame's energy on this device, measured or modelled (with `--power-profile`, or a
+    /// board sensor).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub energy: Option<EnergyReading>,
 }
 
 impl FrameReport {
@@ -148,6 +154,7 @@ impl FrameReport {
             uplink_ms: 0.0,
             tail_ms: 0.0,
             total_ms: 0.0,
+            energy: None,
         }
     }
 

@@ -21,8 +21,10 @@ use std::time::{Duration, Instant};
 use cleave_engine::Tensor;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::energy::{EnergyMark, EnergyMeter, FrameActivity};
 use crate::local::LocalModel;
 use crate::mode::{AutoConfig, Decision, Mode, ModeChooser, Usable};
+use crate::prefilter::Prefilter;
 use crate::prepare::{Prepared, Work, prepare};
 use crate::report::{Failure, FrameReport, Outcome, Status};
 use crate::scene_gate::SceneGate;
@@ -89,6 +91,10 @@ pub struct RunOptions {
     pub scene_threshold: Option<f32>,
     /// JPEG quality (1–100) of offloaded frames.
     pub jpeg_quality: u8,
+    /// The bundle's prefilter, if frames it finds of no interest are to be dropped.
+    pub prefilter: Option<Arc<Prefilter>>,
+    /// Gives each frame its energy, if a profile or a sensor is there.
+    pub energy: Option<Arc<EnergyMeter>>,
 }
 
 impl Default for RunOptions {
@@ -101,6 +107,8 @@ impl Default for RunOptions {
             on_link_down: LinkDownPolicy::Wait,
             scene_threshold: None,
             jpeg_quality: 85,
+            prefilter: None,
+            energy: None,
         }
     }
 }
@@ -214,12 +222,12 @@ pub async fn run(
         chooser,
     });
     let permits = Arc::new(Semaphore::new(options.max_pending.max(1)));
-    let (pending_tx, mut pending_rx) = mpsc::unbounded_channel::<Pending>();
+    let (pending_tx, mut pending_rx) = mpsc::unbounded_channel::<(Pending, Option<EnergyMark>)>();
     let producer = tokio::spawn(produce(shared.clone(), frames, permits.clone(), pending_tx));
 
     let mut summary = RunSummary::default();
-    while let Some(pending) = pending_rx.recv().await {
-        let report = match pending {
+    while let Some((pending, mark)) = pending_rx.recv().await {
+        let mut report = match pending {
             Pending::Done(report) => *report,
             Pending::Sent {
                 frame,
@@ -232,12 +240,37 @@ pub async fn run(
                 settle(&shared, frame, delivery, input).await
             }
         };
+        if let (Some(meter), Some(mark)) = (&options.energy, mark) {
+            report.energy = meter.finish(&mark, &activity(&report, session));
+        }
         permits.add_permits(1);
         count(&mut summary, &report);
         emit(&report)?;
     }
     let _ = producer.await;
     Ok(summary)
+}
+
+/// What the frame kept this device busy with, for its energy: compute, and the radio for
+/// its bytes at the link's estimated rate.
+fn activity(report: &FrameReport, session: Option<&Session>) -> FrameActivity {
+    let ms = |v: f64| Duration::try_from_secs_f64(v / 1e3).unwrap_or_default();
+    let sent = report.wire_bytes.max(report.bytes_sent) * report.sends.max(1) as usize;
+    let radio_tx = session
+        .and_then(|s| s.estimate().transmission_time(sent))
+        .unwrap_or_else(|| {
+            if sent > 0 {
+                ms(report.uplink_ms)
+            } else {
+                Duration::ZERO
+            }
+        });
+    FrameActivity {
+        compute: ms(report.preprocess_ms + report.head_ms),
+        radio_tx,
+        radio_rx: Duration::ZERO,
+        wall: ms(report.total_ms),
+    }
 }
 
 fn count(summary: &mut RunSummary, report: &FrameReport) {
@@ -264,7 +297,7 @@ async fn produce(
     shared: Arc<Shared>,
     mut frames: mpsc::Receiver<SourceFrame>,
     permits: Arc<Semaphore>,
-    pending: mpsc::UnboundedSender<Pending>,
+    pending: mpsc::UnboundedSender<(Pending, Option<EnergyMark>)>,
 ) {
     let options = &shared.options;
     let keep_input = options.local.is_some()
@@ -281,8 +314,9 @@ async fn produce(
         };
         // The consumer gives the permit back once the frame is reported.
         permit.forget();
+        let mark = options.energy.as_ref().map(|meter| meter.start());
         let item = take(&shared, frame_id, frame, gate.clone(), keep_input).await;
-        if pending.send(item).is_err() {
+        if pending.send((item, mark)).is_err() {
             break;
         }
     }
@@ -394,6 +428,7 @@ async fn take(
         prepare(
             &job_shared.encoder,
             gate.as_deref(),
+            job_shared.options.prefilter.as_deref(),
             picture,
             &work,
             keep_input,
@@ -425,6 +460,30 @@ async fn take(
                 Outcome::Skipped { skipped },
             );
             report.preprocess_ms = preprocess_ms;
+            report
+        }
+        Ok(Ok(Prepared::Filtered {
+            interest,
+            threshold,
+            preprocess_ms,
+            device_ms,
+        })) => {
+            lost();
+            let skipped = Failure {
+                kind: "prefilter".into(),
+                message: format!(
+                    "the prefilter's interest {interest:.3} is under its threshold \
+                     {threshold:.3}: nothing here it was trained to look for"
+                ),
+            };
+            let mut report = FrameReport::blank(
+                frame_id,
+                source,
+                Status::Dropped,
+                Outcome::Skipped { skipped },
+            );
+            report.preprocess_ms = preprocess_ms;
+            report.head_ms = device_ms;
             report
         }
         Ok(Ok(Prepared::Local { ran, preprocess_ms })) => {

@@ -39,6 +39,7 @@ pub mod ans;
 mod bundle_id;
 mod encoder;
 mod frame;
+pub mod offload;
 mod pack;
 mod prior;
 mod quantize;

@@ -185,11 +185,33 @@ impl HeadEncoder {
     ///
     /// [`HeadError::Codec`] if the features cannot be coded (e.g. NaN, or over budget).
     pub fn code(&self, features: &Tensor) -> Result<EncodedFrame, HeadError> {
+        self.code_with(features, self.policy)
+    }
+
+    /// As [`code`](Self::code), at `bits` (a calibrated depth of the bundle), with the
+    /// policy's codec: what rate control asks for per frame.
+    ///
+    /// # Errors
+    ///
+    /// As [`code`](Self::code).
+    pub fn code_at(&self, features: &Tensor, bits: u8) -> Result<EncodedFrame, HeadError> {
+        let codec = match self.policy {
+            CodingPolicy::Fixed { codec, .. } | CodingPolicy::Budget { codec, .. } => codec,
+            CodingPolicy::Learned => Codec::Ans,
+        };
+        self.code_with(features, CodingPolicy::Fixed { bits, codec })
+    }
+
+    fn code_with(
+        &self,
+        features: &Tensor,
+        policy: CodingPolicy,
+    ) -> Result<EncodedFrame, HeadError> {
         let started = Instant::now();
         let shape = &self.bundle.manifest().bottleneck.shape;
         let tables = self.bundle.coding_tables();
         let encoder = FrameEncoder::new(self.bundle.id().tag(), tables);
-        let coded = match self.policy {
+        let coded = match policy {
             CodingPolicy::Fixed { bits, codec }
                 if tables.is_some_and(|t| t.level(bits).is_some()) =>
             {

@@ -18,6 +18,8 @@
 //! The head never imports the tail: the two share only `cleave-proto`.
 
 mod backoff;
+#[cfg(feature = "v4l2")]
+pub mod camera;
 pub mod config_file;
 mod encoder;
 pub mod energy;
@@ -26,12 +28,14 @@ mod local;
 pub mod mode;
 mod prefilter;
 mod prepare;
+pub mod rate_control;
 mod report;
 mod run;
 pub mod scene_gate;
 mod session;
 pub mod sources;
 pub mod spool;
+mod spooler;
 pub mod telemetry;
 mod uplink;
 
@@ -44,6 +48,7 @@ pub use prefilter::{Prefilter, Verdict as PrefilterVerdict};
 pub use report::{DetectedBox, Failure, FrameReport, Outcome, Score, Status};
 pub use run::{LinkDownPolicy, ModeSetting, RunOptions, RunSummary, run, write_json_line};
 pub use session::{Delivery, Session, SessionConfig};
+pub use spooler::{DRAIN_IDS, SpoolConfig, Spooler};
 pub use uplink::{ConnectOptions, FrameSender, Payload, ResultReceiver, Uplink, UplinkResult};
 
 /// What can go wrong on the head.

@@ -8,16 +8,21 @@
 //! - **Transfers**: a frame of `bytes`, sent and answered after `net` (the time from send to
 //!   answer, less the tail's own time). Its rate is `bytes / (net − rtt)`.
 //!
-//! Both are exponentially weighted moving averages, so the estimate follows a link that
-//! changes within a few frames. A transfer whose `net` comes in under the round-trip
-//! estimate also lowers that (the link got faster). With frames pipelined, `net` includes
-//! the wait behind the frames ahead; the estimate is then the bandwidth a frame *gets*,
-//! which is what a latency prediction needs.
+//! The round trip is the **minimum** of the samples of the last ten seconds, as in BBR: a
+//! probe that waits behind a frame in a slow link's queue measures the queue, not the path,
+//! and an average of such samples would make every transfer look faster than it was (a
+//! frame's `net` less a bloated round trip). A transfer whose `net` comes in under the
+//! round trip is itself a sample. The rate is an exponentially weighted moving average (of
+//! logarithms), so it follows a link that changes within a few frames. With frames
+//! pipelined, `net` includes the wait behind the frames ahead; the estimate is then the
+//! bandwidth a frame *gets*, which is what a latency prediction needs.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
-/// How much one new sample moves an average (0 to 1).
-const RTT_WEIGHT: f64 = 0.25;
+/// How long a round-trip sample counts towards the minimum.
+const RTT_WINDOW: Duration = Duration::from_secs(10);
+/// How much one new rate sample moves the average (0 to 1).
 const RATE_WEIGHT: f64 = 0.3;
 /// Transfers smaller than this say more about latency than about rate.
 const MIN_RATE_SAMPLE_BYTES: usize = 512;
@@ -41,11 +46,16 @@ pub struct LinkEstimate {
 
 impl LinkEstimate {
     /// Predicted time from sending `bytes` to the answer's arrival, less the tail's own
-    /// time; `None` until both a round trip and a transfer have been seen.
+    /// time; `None` until both a round trip and a transfer have been seen (a round trip is
+    /// enough for frames too small to measure a rate with).
     pub fn transfer_time(&self, bytes: usize) -> Option<Duration> {
         let rtt = self.rtt?;
-        let rate = self.bandwidth_bps?;
-        Some(rtt + Duration::from_secs_f64(bytes as f64 * 8.0 / rate))
+        match self.bandwidth_bps {
+            Some(rate) => Some(rtt + Duration::from_secs_f64(bytes as f64 * 8.0 / rate)),
+            // Frames this small never make a rate sample: their time is the round trip.
+            None if bytes < MIN_RATE_SAMPLE_BYTES => Some(rtt),
+            None => None,
+        }
     }
 
     /// Time to push `bytes` through the link at the estimated rate (the radio's busy time).
@@ -60,6 +70,8 @@ impl LinkEstimate {
 #[derive(Debug, Clone, Default)]
 pub struct LinkEstimator {
     estimate: LinkEstimate,
+    /// Round-trip samples of the last [`RTT_WINDOW`], oldest first.
+    round_trips: VecDeque<(Instant, Duration)>,
 }
 
 impl LinkEstimator {
@@ -75,12 +87,20 @@ impl LinkEstimator {
 
     /// A round trip of a small message.
     pub fn record_round_trip(&mut self, rtt: Duration) {
-        let sample = rtt.as_secs_f64();
-        let next = match self.estimate.rtt {
-            None => sample,
-            Some(old) => ewma(old.as_secs_f64(), sample, RTT_WEIGHT),
-        };
-        self.estimate.rtt = Some(Duration::from_secs_f64(next));
+        let now = Instant::now();
+        while self
+            .round_trips
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > RTT_WINDOW)
+        {
+            self.round_trips.pop_front();
+        }
+        // Samples no smaller than a later one can never be the minimum again.
+        while self.round_trips.back().is_some_and(|(_, d)| *d >= rtt) {
+            self.round_trips.pop_back();
+        }
+        self.round_trips.push_back((now, rtt));
+        self.estimate.rtt = self.round_trips.front().map(|(_, d)| *d);
     }
 
     /// A frame of `bytes` that took `net` from send to answer, less the tail's time.
@@ -128,6 +148,8 @@ mod tests {
         assert_eq!(link.estimate().transfer_time(1000), None);
         link.record_round_trip(ms(20.0));
         assert_eq!(link.estimate().transfer_time(1000), None);
+        // Small frames never make a rate: they cost the round trip.
+        assert_eq!(link.estimate().transfer_time(300), Some(ms(20.0)));
         link.record_transfer(10_000, ms(100.0));
         assert!(link.estimate().transfer_time(1000).is_some());
     }
@@ -161,6 +183,17 @@ mod tests {
         // Within a third of the new rate after eight frames (0.7^8 of the old log-rate left).
         let rate = link.estimate().bandwidth_bps.unwrap();
         assert!((1e6..1.35e6).contains(&rate), "{rate}");
+    }
+
+    #[test]
+    fn a_probe_stuck_in_a_queue_does_not_inflate_the_round_trip() {
+        let mut link = LinkEstimator::new();
+        link.record_round_trip(ms(10.0));
+        link.record_round_trip(ms(400.0)); // behind a 14 kB frame on a slow link
+        assert_eq!(link.estimate().rtt, Some(ms(10.0)));
+        link.record_transfer(14_000, ms(424.0));
+        let rate = link.estimate().bandwidth_bps.unwrap();
+        assert!((rate - 14_000.0 * 8.0 / 0.414).abs() < 1.0, "{rate}");
     }
 
     #[test]

@@ -17,10 +17,11 @@ use cleave_engine::{Backend, Bundle};
 use cleave_head::energy::{EnergyMeter, PowerProfile, SensorOptions};
 use cleave_head::mode::{AutoConfig, Modes, Objective, PowerDraw};
 use cleave_head::sources::{SourceFrame, SourceSpec};
+use cleave_head::spool::SpoolLimits;
 use cleave_head::{
     CodingPolicy, ConnectOptions, HeadEncoder, LinkDownPolicy, LocalModel, Mode, ModeSetting,
-    Prefilter, RunOptions, Session, SessionConfig, config_file, sources, telemetry,
-    write_json_line,
+    Prefilter, RunOptions, Session, SessionConfig, SpoolConfig, Spooler, config_file, sources,
+    telemetry, write_json_line,
 };
 use tokio::sync::mpsc;
 
@@ -106,6 +107,12 @@ struct Args {
     /// radio's power, `[radio_tx]`).
     #[arg(long, default_value = "latency", value_parser = ["latency", "energy"])]
     objective: String,
+    /// Rate control against a latency target: each `split` frame gets the highest
+    /// calibrated bit depth predicted to be answered within this many milliseconds (head +
+    /// round trip + bytes ÷ bandwidth + tail, all measured as the daemon runs); the bundle's
+    /// default depth until the link has been measured, the smallest when none fits.
+    #[arg(long, value_name = "MS", conflicts_with_all = ["bits", "byte_budget", "learned_prior"], value_parser = clap::value_parser!(u64).range(1..))]
+    latency_target_ms: Option<u64>,
     /// Frames in flight on the uplink at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     window: u32,
@@ -118,9 +125,21 @@ struct Args {
     deadline_ms: u64,
     /// What to do with frames while no tail is reachable (every server failed in a row):
     /// `wait` holds them until a tail is back or their deadline passes; `local` runs the
-    /// bundle's full model on this device; `drop` reports them dropped.
-    #[arg(long, default_value = "wait", value_parser = ["wait", "local", "drop"])]
+    /// bundle's full model on this device; `drop` reports them dropped; `spool` writes them,
+    /// coded, to --spool-dir and sends them when a tail is back (in this run or the next),
+    /// each frame's line coming when it is answered.
+    #[arg(long, default_value = "wait", value_parser = ["wait", "local", "drop", "spool"])]
     on_link_down: String,
+    /// Folder of the on-disk spool (`--on-link-down spool`); one daemon per folder.
+    #[arg(long, value_name = "DIR")]
+    spool_dir: Option<PathBuf>,
+    /// Most megabytes the spool holds; when full, the oldest frames are evicted (each gets a
+    /// `dropped` line).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    spool_max_mb: u64,
+    /// Most frames the spool holds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    spool_max_frames: u64,
     /// Milliseconds a dial (TCP connect plus bundle negotiation) may take.
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
     connect_timeout_ms: u64,
@@ -158,6 +177,20 @@ struct Args {
     /// `ffmpeg -f rawvideo -pix_fmt rgb24 -` writes them) until it ends.
     #[arg(long, value_name = "WIDTHxHEIGHT", value_parser = parse_size, conflicts_with = "inputs")]
     stdin_raw: Option<(u32, u32)>,
+    /// Capture from this V4L2 camera, e.g. /dev/video0, until stopped (Linux; needs a build
+    /// with `--features v4l2`). A frame that finds the pipeline busy is dropped, not queued,
+    /// and counted in cleave_head_camera_dropped_frames_total. See docs/camera.md.
+    #[arg(long, value_name = "DEVICE", conflicts_with_all = ["inputs", "watch", "replay", "stdin_raw"])]
+    camera: Option<PathBuf>,
+    /// Frame size asked of --camera; the driver picks its nearest, which is logged.
+    #[arg(long, value_name = "WIDTHxHEIGHT", default_value = "640x480", value_parser = parse_size, requires = "camera")]
+    camera_size: (u32, u32),
+    /// Frames per second asked of --camera's driver (0.01 to 1000); without it, the device's.
+    #[arg(long, value_name = "FPS", requires = "camera")]
+    camera_fps: Option<f64>,
+    /// Pixel format for --camera; without it, the first of rgb24, yuyv, mjpeg it offers.
+    #[arg(long, value_parser = ["rgb24", "yuyv", "mjpeg"], requires = "camera")]
+    camera_format: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics (frames by status and mode, bytes,
     /// resends, latencies, link state); the bound address is printed on stderr.
     #[arg(long, value_name = "ADDR")]
@@ -167,8 +200,8 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
     /// Image files (.jpg, .jpeg, .png) or folders of them, processed once, in order. One
-    /// source is needed: these, --watch, --replay or --stdin-raw.
-    #[arg(required_unless_present_any = ["watch", "replay", "stdin_raw"])]
+    /// source is needed: these, --watch, --replay, --stdin-raw or --camera.
+    #[arg(required_unless_present_any = ["watch", "replay", "stdin_raw", "camera"])]
     inputs: Vec<PathBuf>,
 }
 
@@ -236,6 +269,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             fps: args.fps,
             loops: args.loops,
         }
+    } else if let Some(device) = &args.camera {
+        camera_source(&args, device)?
     } else if let Some((width, height)) = args.stdin_raw {
         SourceSpec::StdinRaw { width, height }
     } else {
@@ -250,6 +285,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let on_link_down = match args.on_link_down.as_str() {
         "local" => LinkDownPolicy::Local,
         "drop" => LinkDownPolicy::Drop,
+        "spool" => LinkDownPolicy::Spool,
         _ => LinkDownPolicy::Wait,
     };
     let mut energy = EnergyMeter::new(
@@ -328,6 +364,26 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let (spool, spool_lost) = match (on_link_down, &args.spool_dir) {
+        (LinkDownPolicy::Spool, Some(dir)) => {
+            let config = SpoolConfig {
+                dir: dir.clone(),
+                limits: SpoolLimits {
+                    max_bytes: args.spool_max_mb << 20,
+                    max_frames: usize::try_from(args.spool_max_frames).unwrap_or(usize::MAX),
+                },
+            };
+            let (spooler, lost) = Spooler::open(&config, bundle.id().to_string())?;
+            eprintln!(
+                "cleave-head: spool {}: {} frame(s) waiting from before",
+                dir.display(),
+                spooler.len()
+            );
+            (Some(Arc::new(spooler)), lost)
+        }
+        (LinkDownPolicy::Spool, None) => anyhow::bail!("--on-link-down spool needs --spool-dir"),
+        _ => (None, Vec::new()),
+    };
     let window = args.window as usize;
     let options = RunOptions {
         max_pending: (args.max_pending as usize).max(window),
@@ -339,7 +395,14 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         jpeg_quality: args.jpeg_quality,
         prefilter,
         energy,
+        spool: spool.clone(),
+        latency_target: args.latency_target_ms.map(Duration::from_millis),
     };
+    if options.latency_target.is_some()
+        && bundle.manifest().bottleneck.quantization.levels.is_empty()
+    {
+        anyhow::bail!("--latency-target-ms needs a bundle with calibrated bit depths");
+    }
     let session = (mode != ModeSetting::Fixed(Mode::Local)).then(|| {
         Session::start(
             bundle.id(),
@@ -370,6 +433,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         ),
         None => Box::new(std::io::stdout()),
     };
+    for line in &spool_lost {
+        write_json_line(&mut out, line)?;
+    }
     let metrics = match args.metrics_listen {
         Some(addr) => {
             let bound = telemetry::serve(addr)
@@ -408,6 +474,13 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         summary.unchanged,
         summary.bytes_sent
     );
+    if let Some(spool) = &spool {
+        eprintln!(
+            "cleave-head: {} frame(s) went to the spool; {} wait there for the next run",
+            summary.spooled,
+            spool.len()
+        );
+    }
     Ok(if summary.failed + summary.expired == 0 {
         ExitCode::SUCCESS
     } else {
@@ -513,6 +586,34 @@ fn parse_size(text: &str) -> Result<(u32, u32), String> {
             .ok_or_else(|| format!("{s:?} is not a side of 1 to 16384 pixels"))
     };
     Ok((side(w)?, side(h)?))
+}
+
+/// The camera source the flags ask for.
+#[cfg(feature = "v4l2")]
+fn camera_source(args: &Args, device: &std::path::Path) -> anyhow::Result<SourceSpec> {
+    let format = args
+        .camera_format
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    Ok(SourceSpec::Camera(cleave_head::camera::CameraSpec {
+        device: device.to_path_buf(),
+        width: args.camera_size.0,
+        height: args.camera_size.1,
+        fps: args.camera_fps,
+        format,
+    }))
+}
+
+/// Without the `v4l2` feature there is no camera source: say so, and how to get one.
+#[cfg(not(feature = "v4l2"))]
+fn camera_source(_: &Args, device: &std::path::Path) -> anyhow::Result<SourceSpec> {
+    anyhow::bail!(
+        "--camera {}: this cleave-head was built without camera support; rebuild it with \
+         `cargo build --release -p cleave-head --features v4l2` (Linux)",
+        device.display()
+    )
 }
 
 /// A mode by the name clap already checked.

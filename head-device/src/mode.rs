@@ -174,6 +174,9 @@ pub enum Reason {
     Probe,
     /// The only usable mode.
     OnlyChoice,
+    /// No allowed mode is usable now (the link is down and `local` is not allowed): the
+    /// frame takes an allowed remote mode and the link-down policy decides.
+    NoneUsable,
 }
 
 /// One frame's mode, with the predictions behind it.
@@ -196,6 +199,7 @@ impl Decision {
             Reason::Exploring => "not measured yet",
             Reason::Probe => "probe",
             Reason::OnlyChoice => "only usable mode",
+            Reason::NoneUsable => "no allowed mode usable now",
         };
         let predicted: Vec<String> = self
             .predictions
@@ -279,6 +283,13 @@ impl ModeChooser {
             .filter_map(|&m| self.predict(m, &usable.estimate))
             .collect();
         let (mode, reason) = self.pick(&modes, &predictions);
+        if reason == Reason::NoneUsable {
+            return Decision {
+                mode,
+                reason,
+                predictions,
+            };
+        }
         for m in Mode::ALL {
             let costs = &mut self.costs[m.index()];
             costs.unused_for = if m == mode {
@@ -286,9 +297,6 @@ impl ModeChooser {
             } else {
                 costs.unused_for.saturating_add(1)
             };
-        }
-        if mode.is_remote() {
-            self.costs[mode.index()].in_flight += 1;
         }
         if !matches!(reason, Reason::Exploring | Reason::Probe) {
             if self.current == Some(mode) {
@@ -307,7 +315,14 @@ impl ModeChooser {
 
     fn pick(&self, modes: &[Mode], predictions: &[Prediction]) -> (Mode, Reason) {
         match modes {
-            [] => return (Mode::Split, Reason::OnlyChoice),
+            [] => {
+                // Nothing usable: the first allowed remote mode, for the link-down policy.
+                let fallback = [Mode::Split, Mode::Offload, Mode::Local]
+                    .into_iter()
+                    .find(|&m| self.config.modes.contains(m))
+                    .unwrap_or(Mode::Split);
+                return (fallback, Reason::NoneUsable);
+            }
             [only] => return (*only, Reason::OnlyChoice),
             _ => {}
         }
@@ -382,16 +397,27 @@ impl ModeChooser {
         })
     }
 
-    /// The device's compute time for a frame in `mode`.
-    pub fn observe_device(&mut self, mode: Mode, device_ms: f64) {
-        self.costs[mode.index()].device_ms.record(device_ms);
+    /// A frame of `mode` handed to the uplink: it counts as in flight until its answer or
+    /// its loss is observed.
+    pub fn sent(&mut self, mode: Mode) {
+        self.costs[mode.index()].in_flight += 1;
     }
 
-    /// A remote frame's answer: what it sent and the tail's time.
+    /// The device's compute time for a frame in `mode`.
+    pub fn observe_device(&mut self, mode: Mode, device_ms: f64) {
+        if device_ms.is_finite() && device_ms >= 0.0 {
+            self.costs[mode.index()].device_ms.record(device_ms);
+        }
+    }
+
+    /// A remote frame's answer: what it sent and the tail's time (a time the tail reports
+    /// that is not a finite, non-negative number is ignored).
     pub fn observe_answer(&mut self, mode: Mode, bytes: usize, tail_ms: f64) {
         let costs = &mut self.costs[mode.index()];
         costs.bytes.record(bytes as f64);
-        costs.tail_ms.record(tail_ms);
+        if tail_ms.is_finite() && tail_ms >= 0.0 {
+            costs.tail_ms.record(tail_ms);
+        }
         costs.in_flight = costs.in_flight.saturating_sub(1);
     }
 
@@ -405,6 +431,15 @@ impl ModeChooser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chooses, and hands a remote frame to the (imagined) uplink as `run` does.
+    fn take(c: &mut ModeChooser, u: &Usable) -> Decision {
+        let d = c.choose(u);
+        if d.mode.is_remote() && d.reason != Reason::NoneUsable {
+            c.sent(d.mode);
+        }
+        d
+    }
 
     fn link(rtt_ms: f64, mbit: f64) -> LinkEstimate {
         LinkEstimate {
@@ -438,7 +473,7 @@ mod tests {
     fn steady(c: &mut ModeChooser, u: &Usable, frames: usize) -> Mode {
         let mut last = Mode::Split;
         for _ in 0..frames {
-            let d = c.choose(u);
+            let d = take(c, u);
             if d.mode.is_remote() {
                 c.observe_answer(
                     d.mode,
@@ -471,7 +506,7 @@ mod tests {
             link: false,
             ..usable(link(2.0, 100.0))
         };
-        let d = c.choose(&gone);
+        let d = take(&mut c, &gone);
         assert_eq!((d.mode, d.reason), (Mode::Local, Reason::OnlyChoice));
     }
 
@@ -480,19 +515,19 @@ mod tests {
         let mut c = ModeChooser::new(AutoConfig::default());
         c.observe_device(Mode::Local, 100.0);
         let u = usable(link(5.0, 10.0));
-        let first = c.choose(&u);
+        let first = take(&mut c, &u);
         assert_eq!((first.mode, first.reason), (Mode::Split, Reason::Exploring));
-        let second = c.choose(&u);
+        let second = take(&mut c, &u);
         assert_eq!(
             (second.mode, second.reason),
             (Mode::Offload, Reason::Exploring)
         );
         // Both in flight: nothing else to explore; local is the only prediction.
-        let third = c.choose(&u);
+        let third = take(&mut c, &u);
         assert_eq!(third.mode, Mode::Local);
         // A lost exploration frame is tried again.
         c.observe_lost(Mode::Split);
-        assert_eq!(c.choose(&u).mode, Mode::Split);
+        assert_eq!(take(&mut c, &u).mode, Mode::Split);
     }
 
     #[test]
@@ -512,13 +547,13 @@ mod tests {
         let split = c.predict(Mode::Split, &slow.estimate).unwrap().latency_ms;
         let local = c.predict(Mode::Local, &slow.estimate).unwrap().latency_ms;
         assert!(local < split && local > 0.8 * split, "{local} {split}");
-        let d = c.choose(&slow);
+        let d = take(&mut c, &slow);
         assert_eq!((d.mode, d.reason), (Mode::Split, Reason::Holding));
         // Much better: it switches.
         for _ in 0..10 {
             c.observe_device(Mode::Local, 10.0);
         }
-        assert_eq!(c.choose(&slow).mode, Mode::Local);
+        assert_eq!(take(&mut c, &slow).mode, Mode::Local);
     }
 
     #[test]
@@ -531,11 +566,11 @@ mod tests {
         let mut c = measured(config);
         let fast = usable(link(2.0, 100.0));
         let slow = usable(link(20.0, 2.0));
-        assert_eq!(c.choose(&slow).mode, Mode::Split);
+        assert_eq!(take(&mut c, &slow).mode, Mode::Split);
         // The link gets fast right after the switch: split is held for min_dwell frames.
         let modes: Vec<Mode> = (0..6)
             .map(|_| {
-                let d = c.choose(&fast);
+                let d = take(&mut c, &fast);
                 c.observe_lost(d.mode);
                 d.mode
             })
@@ -554,7 +589,7 @@ mod tests {
         let gone_slow = usable(link(400.0, 0.1));
         let mut probes = Vec::new();
         for _ in 0..12 {
-            let d = c.choose(&gone_slow);
+            let d = take(&mut c, &gone_slow);
             if d.reason == Reason::Probe {
                 probes.push(d.mode);
             }
@@ -597,12 +632,43 @@ mod tests {
         };
         let mut c = measured(config);
         for _ in 0..10 {
-            let d = c.choose(&usable(link(400.0, 0.1)));
+            let d = take(&mut c, &usable(link(400.0, 0.1)));
             assert_ne!(d.mode, Mode::Local, "{d:?}");
             c.observe_lost(d.mode);
         }
         assert!(Modes::ALL.contains(Mode::Local));
         assert!(!Modes::of(&[Mode::Split]).contains(Mode::Offload));
+    }
+
+    #[test]
+    fn nothing_usable_falls_back_to_an_allowed_remote_mode_and_counts_nothing() {
+        let mut c = ModeChooser::new(AutoConfig {
+            modes: Modes::of(&[Mode::Offload]),
+            ..AutoConfig::default()
+        });
+        let down = Usable {
+            link: false,
+            offload: false,
+            local: true,
+            estimate: LinkEstimate::default(),
+        };
+        let d = c.choose(&down);
+        assert_eq!((d.mode, d.reason), (Mode::Offload, Reason::NoneUsable));
+        // Once the link is up, offload is explored at once: nothing was left in flight.
+        let up = usable(link(2.0, 10.0));
+        let d = c.choose(&up);
+        assert_eq!((d.mode, d.reason), (Mode::Offload, Reason::OnlyChoice));
+    }
+
+    #[test]
+    fn nonsense_times_from_a_tail_are_ignored() {
+        let mut c = measured(AutoConfig::default());
+        c.observe_answer(Mode::Split, 3_000, f64::NAN);
+        c.observe_answer(Mode::Split, 3_000, -5.0);
+        c.observe_device(Mode::Local, f64::INFINITY);
+        let e = link(2.0, 100.0);
+        assert!(c.predict(Mode::Split, &e).unwrap().latency_ms.is_finite());
+        assert!(c.predict(Mode::Local, &e).unwrap().latency_ms.is_finite());
     }
 
     #[test]

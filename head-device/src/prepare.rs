@@ -21,8 +21,8 @@ use crate::{HeadEncoder, HeadError, Payload};
 /// What a frame's mode needs done on the device.
 #[derive(Debug, Clone)]
 pub(crate) enum Work {
-    /// Head model and coding.
-    Split,
+    /// Head model and coding (at this depth, if rate control chose one).
+    Split { bits: Option<u8> },
     /// A JPEG of the model input at this quality (1–100).
     Offload { quality: u8 },
     /// The full model.
@@ -104,7 +104,10 @@ pub(crate) fn prepare(
         .then(|| encoder.preprocessor().tensor(&rgb));
     let preprocess_ms = ms_since(read);
     let started = Instant::now();
-    let features = match (&input, prefilter.is_some() || matches!(work, Work::Split)) {
+    let features = match (
+        &input,
+        prefilter.is_some() || matches!(work, Work::Split { .. }),
+    ) {
         (Some(input), true) => Some(encoder.features(input)?),
         _ => None,
     };
@@ -130,12 +133,21 @@ pub(crate) fn prepare(
                 input: input.filter(|_| keep_input),
             })
         }
-        (Work::Local(local), Some(input), _) => Ok(Prepared::Local {
-            ran: local.run(&input),
-            preprocess_ms,
-        }),
-        (_, input, Some(features)) => {
-            let frame = encoder.code(&features)?;
+        (Work::Local(local), Some(input), _) => {
+            // The head and prefilter run first count as this frame's device work too.
+            let filter_ms = ms_since(started);
+            Ok(Prepared::Local {
+                ran: local
+                    .run(&input)
+                    .map(|(outcome, ms)| (outcome, ms + filter_ms)),
+                preprocess_ms,
+            })
+        }
+        (work, input, Some(features)) => {
+            let frame = match work {
+                Work::Split { bits: Some(bits) } => encoder.code_at(&features, *bits)?,
+                _ => encoder.code(&features)?,
+            };
             Ok(Prepared::Ready {
                 coding: format!("{}, {}", frame.coding, frame.codec.name()),
                 payload: Payload::Features(frame.bytes),

@@ -15,6 +15,7 @@
 //! exactly one: a result, or a status with its reason.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,11 +27,13 @@ use crate::local::LocalModel;
 use crate::mode::{AutoConfig, Decision, Mode, ModeChooser, Usable};
 use crate::prefilter::Prefilter;
 use crate::prepare::{Prepared, Work, prepare};
+use crate::rate_control::{Level, RateControl};
 use crate::report::{Failure, FrameReport, Outcome, Status};
 use crate::scene_gate::SceneGate;
 use crate::session::{Delivery, Session};
 use crate::sources::SourceFrame;
-use crate::{HeadEncoder, HeadError, UplinkResult};
+use crate::spooler::{Spooler, drain};
+use crate::{CodingPolicy, HeadEncoder, HeadError, Payload, UplinkResult};
 
 /// What a run did, for the caller's exit status and summary line.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -49,6 +52,9 @@ pub struct RunSummary {
     pub dropped: usize,
     /// Frames the scene gate held back.
     pub unchanged: usize,
+    /// Frames put in the on-disk spool while the link was down (their lines come when they
+    /// are answered, in this run or a later one).
+    pub spooled: usize,
     /// Bytes sent (coded features or JPEG), all frames and all sends.
     pub bytes_sent: usize,
 }
@@ -62,6 +68,9 @@ pub enum LinkDownPolicy {
     Local,
     /// Report them dropped.
     Drop,
+    /// Keep them, coded, in the on-disk spool ([`RunOptions::spool`] must hold it) and send
+    /// them once a tail is back; each frame's line comes when it is answered.
+    Spool,
 }
 
 /// How frames pick their mode.
@@ -95,6 +104,11 @@ pub struct RunOptions {
     pub prefilter: Option<Arc<Prefilter>>,
     /// Gives each frame its energy, if a profile or a sensor is there.
     pub energy: Option<Arc<EnergyMeter>>,
+    /// The on-disk spool, for [`LinkDownPolicy::Spool`].
+    pub spool: Option<Arc<Spooler>>,
+    /// Rate control: `split` frames get the highest calibrated depth predicted to be
+    /// answered within this.
+    pub latency_target: Option<Duration>,
 }
 
 impl Default for RunOptions {
@@ -109,6 +123,8 @@ impl Default for RunOptions {
             jpeg_quality: 85,
             prefilter: None,
             energy: None,
+            spool: None,
+            latency_target: None,
         }
     }
 }
@@ -140,6 +156,9 @@ impl RunOptions {
         if needs_local && self.local.is_none() {
             return Err("this mode or link-down policy needs the full model loaded here".into());
         }
+        if self.on_link_down == LinkDownPolicy::Spool && self.spool.is_none() {
+            return Err("--on-link-down spool needs a spool folder".into());
+        }
         if self.mode != ModeSetting::Fixed(Mode::Local) && !has_session {
             return Err("this mode sends frames, so it needs a server".into());
         }
@@ -151,10 +170,12 @@ impl RunOptions {
 enum Pending {
     /// Handed to the session.
     Sent {
-        frame: SentFrame,
+        frame: Box<SentFrame>,
         delivery: oneshot::Receiver<Delivery>,
         /// Kept for the local fallback.
         input: Option<Tensor>,
+        /// Kept for the spool.
+        payload: Option<Payload>,
     },
     /// Already finished (failed to read or encode, ran locally, dropped).
     Done(Box<FrameReport>),
@@ -172,6 +193,8 @@ struct SentFrame {
     device_ms: f64,
     coding: String,
     bytes: usize,
+    /// The depth rate control chose, if it did.
+    bits: Option<u8>,
 }
 
 /// What the producer and the consumer share.
@@ -180,6 +203,7 @@ struct Shared {
     session: Option<Session>,
     options: RunOptions,
     chooser: Option<Mutex<ModeChooser>>,
+    rate: Option<Mutex<RateControl>>,
 }
 
 impl Shared {
@@ -215,37 +239,97 @@ pub async fn run(
         ModeSetting::Auto(config) => Some(Mutex::new(ModeChooser::new(config))),
         ModeSetting::Fixed(_) => None,
     };
+    let rate = options.latency_target.map(|target| {
+        let quantization = &encoder.bundle().manifest().bottleneck.quantization;
+        let levels = quantization
+            .levels
+            .iter()
+            .map(|l| Level {
+                bits: l.bits,
+                bytes: l.payload_bytes as f64,
+            })
+            .collect();
+        let default_bits = match encoder.policy() {
+            CodingPolicy::Fixed { bits, .. } => bits,
+            _ => quantization.bits,
+        };
+        Mutex::new(RateControl::new(
+            target.as_secs_f64() * 1e3,
+            levels,
+            default_bits,
+        ))
+    });
     let shared = Arc::new(Shared {
         encoder,
         session: session.cloned(),
         options: options.clone(),
         chooser,
+        rate,
     });
     let permits = Arc::new(Semaphore::new(options.max_pending.max(1)));
     let (pending_tx, mut pending_rx) = mpsc::unbounded_channel::<(Pending, Option<EnergyMark>)>();
     let producer = tokio::spawn(produce(shared.clone(), frames, permits.clone(), pending_tx));
 
+    let stop = Arc::new(AtomicBool::new(false));
+    let (drained_tx, mut drained_rx) = mpsc::unbounded_channel::<FrameReport>();
+    let mut drain_done = true;
+    if let (Some(spool), Some(session)) = (&options.spool, session) {
+        drain_done = false;
+        let job = drain(
+            spool.clone(),
+            session.clone(),
+            options.deadline,
+            stop.clone(),
+            drained_tx,
+        );
+        tokio::spawn(job);
+    }
+
     let mut summary = RunSummary::default();
-    while let Some((pending, mark)) = pending_rx.recv().await {
-        let mut report = match pending {
-            Pending::Done(report) => *report,
-            Pending::Sent {
-                frame,
-                delivery,
-                input,
-            } => {
-                let delivery = delivery.await.unwrap_or(Delivery::LinkDown {
-                    reason: "the uplink session stopped".into(),
-                });
-                settle(&shared, frame, delivery, input).await
+    let mut source_done = false;
+    loop {
+        let reports = tokio::select! {
+            pending = pending_rx.recv(), if !source_done => {
+                let Some((pending, mark)) = pending else {
+                    source_done = true;
+                    stop.store(true, Ordering::Relaxed);
+                    continue;
+                };
+                let mut reports = match pending {
+                    Pending::Done(report) => vec![*report],
+                    Pending::Sent {
+                        frame,
+                        delivery,
+                        input,
+                        payload,
+                    } => {
+                        let delivery = delivery.await.unwrap_or(Delivery::LinkDown {
+                            reason: "the uplink session stopped".into(),
+                        });
+                        settle(&shared, *frame, delivery, input, payload, &mut summary).await
+                    }
+                };
+                if let (Some(meter), Some(mark), Some(report)) =
+                    (&options.energy, mark, reports.first_mut())
+                {
+                    report.energy = meter.finish(&mark, &activity(report, session));
+                }
+                permits.add_permits(1);
+                reports
             }
+            drained = drained_rx.recv(), if !drain_done => match drained {
+                Some(report) => vec![report],
+                None => {
+                    drain_done = true;
+                    continue;
+                }
+            },
+            else => break,
         };
-        if let (Some(meter), Some(mark)) = (&options.energy, mark) {
-            report.energy = meter.finish(&mark, &activity(&report, session));
+        for report in reports {
+            count(&mut summary, &report);
+            emit(&report)?;
         }
-        permits.add_permits(1);
-        count(&mut summary, &report);
-        emit(&report)?;
     }
     let _ = producer.await;
     Ok(summary)
@@ -255,7 +339,8 @@ pub async fn run(
 /// its bytes at the link's estimated rate.
 fn activity(report: &FrameReport, session: Option<&Session>) -> FrameActivity {
     let ms = |v: f64| Duration::try_from_secs_f64(v / 1e3).unwrap_or_default();
-    let sent = report.wire_bytes.max(report.bytes_sent) * report.sends.max(1) as usize;
+    // A frame never sent (dropped or expired while waiting for a link) used no radio.
+    let sent = report.wire_bytes.max(report.bytes_sent) * report.sends as usize;
     let radio_tx = session
         .and_then(|s| s.estimate().transmission_time(sent))
         .unwrap_or_else(|| {
@@ -357,7 +442,7 @@ fn plan(shared: &Shared) -> Plan {
             quality: options.jpeg_quality,
         },
         (Mode::Local, Some(local)) => Work::Local(local.clone()),
-        _ => Work::Split,
+        _ => Work::Split { bits: None },
     };
     // One reading of the link per frame, so the drop and local decisions agree. (`auto`
     // chose local itself if it may.)
@@ -422,7 +507,26 @@ async fn take(
             note,
         } => (mode, work, decision, note),
     };
-    let choice = decision.as_ref().map(Decision::describe);
+    let mut choice = decision.as_ref().map(Decision::describe);
+    let mut work = work;
+    let mut bits = None;
+    if let (Work::Split { bits: depth }, Some(rate)) = (&mut work, &shared.rate)
+        && let Ok(rate) = rate.lock()
+    {
+        let estimate = shared
+            .session
+            .as_ref()
+            .map(Session::estimate)
+            .unwrap_or_default();
+        let chosen = rate.choose(&estimate);
+        *depth = Some(chosen.bits);
+        bits = Some(chosen.bits);
+        let text = rate.describe(&chosen);
+        choice = Some(match choice {
+            Some(auto) => format!("{auto}; {text}"),
+            None => text,
+        });
+    }
     let job_shared = shared.clone();
     let job = tokio::task::spawn_blocking(move || {
         prepare(
@@ -435,17 +539,11 @@ async fn take(
         )
     });
     let prepared = job.await;
-    let lost = || {
-        if mode != Mode::Local {
-            shared.observe(|c| c.observe_lost(mode));
-        }
-    };
     let mut report = match prepared {
         Ok(Ok(Prepared::Unchanged {
             change,
             preprocess_ms,
         })) => {
-            lost();
             let skipped = Failure {
                 kind: "unchanged".into(),
                 message: format!(
@@ -468,7 +566,6 @@ async fn take(
             preprocess_ms,
             device_ms,
         })) => {
-            lost();
             let skipped = Failure {
                 kind: "prefilter".into(),
                 message: format!(
@@ -504,7 +601,6 @@ async fn take(
         })) => {
             shared.observe(|c| c.observe_device(mode, device_ms));
             let Some(session) = shared.session.as_ref() else {
-                lost();
                 return Pending::Done(Box::new(FrameReport::unanswered(
                     frame_id,
                     source,
@@ -514,10 +610,12 @@ async fn take(
                 )));
             };
             let bytes = payload.len();
+            let kept = shared.options.spool.as_ref().map(|_| payload.clone());
+            shared.observe(|c| c.sent(mode));
             let sent = Instant::now();
             let delivery = session.submit(frame_id, payload, deadline).await;
             return Pending::Sent {
-                frame: SentFrame {
+                frame: Box::new(SentFrame {
                     frame_id,
                     source,
                     mode,
@@ -528,25 +626,23 @@ async fn take(
                     device_ms,
                     coding,
                     bytes,
-                },
+                    bits,
+                }),
                 delivery,
                 input,
+                payload: kept,
             };
         }
         Ok(Err(e)) => {
-            lost();
             FrameReport::unanswered(frame_id, source, Status::Failed, failure_kind(&e), e)
         }
-        Err(join) => {
-            lost();
-            FrameReport::unanswered(
-                frame_id,
-                source,
-                Status::Failed,
-                "input",
-                format!("device work panicked: {join}"),
-            )
-        }
+        Err(join) => FrameReport::unanswered(
+            frame_id,
+            source,
+            Status::Failed,
+            "input",
+            format!("device work panicked: {join}"),
+        ),
     };
     report.mode = mode.name();
     report.choice = choice;
@@ -554,9 +650,56 @@ async fn take(
     Pending::Done(Box::new(report))
 }
 
+/// The reports a delivered frame ends in: its own (none if it went to the spool), and
+/// those of frames the spool evicted for it.
+async fn settle(
+    shared: &Shared,
+    frame: SentFrame,
+    delivery: Delivery,
+    input: Option<Tensor>,
+    payload: Option<Payload>,
+    summary: &mut RunSummary,
+) -> Vec<FrameReport> {
+    if let (Delivery::LinkDown { reason }, Some(spool), Some(payload)) =
+        (&delivery, &shared.options.spool, payload)
+    {
+        shared.observe(|c| c.observe_lost(frame.mode));
+        let (spool, name) = (spool.clone(), frame.source.clone());
+        let stored = tokio::task::spawn_blocking(move || spool.store(&name, &payload)).await;
+        return match stored {
+            Ok(Ok(evicted)) => {
+                summary.spooled += 1;
+                evicted
+                    .into_iter()
+                    .map(|name| {
+                        FrameReport::unanswered(
+                            frame.frame_id,
+                            name,
+                            Status::Dropped,
+                            "spool_full",
+                            "evicted from the full spool to make room for a newer frame",
+                        )
+                    })
+                    .collect()
+            }
+            Ok(Err(why)) => vec![frame.unanswered(
+                Status::Dropped,
+                "link_down",
+                format!("no tail reachable ({reason}) and the spool refused the frame: {why}"),
+            )],
+            Err(join) => vec![frame.unanswered(
+                Status::Failed,
+                "spool",
+                format!("spooling panicked: {join}"),
+            )],
+        };
+    }
+    vec![settle_here(shared, frame, delivery, input).await]
+}
+
 /// The report of a frame the session delivered; runs it here if the link was down and
 /// the policy (or `auto`) says so.
-async fn settle(
+async fn settle_here(
     shared: &Shared,
     frame: SentFrame,
     delivery: Delivery,
@@ -576,6 +719,13 @@ async fn settle(
             ) {
                 let (bytes, tail_ms) = (frame.bytes, result.tail_ms);
                 shared.observe(|c| c.observe_answer(mode, bytes, tail_ms));
+                if let (Some(bits), Some(rate)) = (frame.bits, &shared.rate)
+                    && let Ok(mut rate) = rate.lock()
+                    && tail_ms.is_finite()
+                    && tail_ms >= 0.0
+                {
+                    rate.observe(bits, bytes, frame.device_ms, tail_ms);
+                }
             } else {
                 shared.observe(|c| c.observe_lost(mode));
             }

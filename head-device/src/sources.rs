@@ -74,6 +74,10 @@ pub enum SourceSpec {
         /// Passes over the folder; 0 repeats forever.
         loops: u32,
     },
+    /// A V4L2 camera (`v4l2` feature, Linux), until stopped. A frame that finds the pipeline
+    /// busy is dropped, not queued (`docs/camera.md`).
+    #[cfg(feature = "v4l2")]
+    Camera(crate::camera::CameraSpec),
 }
 
 /// Starts `spec` on the current runtime; frames arrive on the receiver, at most `buffer`
@@ -126,6 +130,11 @@ pub fn start(spec: SourceSpec, buffer: usize) -> Result<mpsc::Receiver<SourceFra
             }
             let files = expand_inputs(std::slice::from_ref(&dir))?;
             tokio::spawn(replay(files, fps, loops, tx));
+        }
+        #[cfg(feature = "v4l2")]
+        SourceSpec::Camera(camera) => {
+            // The capture thread ends on its own when the receiver is dropped, and logs why.
+            crate::camera::start_camera(camera, tx)?;
         }
     }
     Ok(rx)

@@ -10,8 +10,8 @@
 //! | `cleave_head_wire_bytes_total` | counter | gRPC message bytes of those sends |
 //! | `cleave_head_resends_total` | counter | sends beyond the first (frames resent after a lost stream) |
 //! | `cleave_head_frame_duration_seconds{mode}` | histogram | capture to result, answered frames |
-//! | `cleave_head_uplink_duration_seconds` | histogram | send to answer, less the tail's time (remote frames) |
-//! | `cleave_head_tail_duration_seconds` | histogram | the tail's own time (remote frames) |
+//! | `cleave_head_uplink_duration_seconds{mode}` | histogram | send to answer, less the tail's time (`split` and `offload` frames) |
+//! | `cleave_head_tail_duration_seconds{mode}` | histogram | the tail's own time (`split` and `offload` frames) |
 //! | `cleave_head_link_up` | gauge | 1 while a stream to a tail is open |
 //! | `cleave_head_link_down` | gauge | 1 while every tail failed in a row (the link-down policy applies) |
 //! | `cleave_head_link_rtt_seconds` | gauge | estimated round trip of a small message |
@@ -95,6 +95,11 @@ fn describe() {
         "Estimated round trip of a small message"
     );
     describe_gauge!(LINK_BANDWIDTH, "Estimated bits per second a frame gets");
+    #[cfg(feature = "v4l2")]
+    describe_counter!(
+        crate::camera::DROPPED_FRAMES,
+        "Camera frames dropped because the pipeline was busy"
+    );
 }
 
 /// Counts one report.
@@ -116,9 +121,9 @@ pub fn record(report: &FrameReport) {
     counter!(RESENDS).increment(sends.saturating_sub(1));
     if report.status == Status::Answered {
         histogram!(FRAME_DURATION, "mode" => report.mode).record(report.total_ms / 1e3);
-        if report.mode == "split" {
-            histogram!(UPLINK_DURATION).record(report.uplink_ms / 1e3);
-            histogram!(TAIL_DURATION).record(report.tail_ms / 1e3);
+        if report.mode != "local" {
+            histogram!(UPLINK_DURATION, "mode" => report.mode).record(report.uplink_ms / 1e3);
+            histogram!(TAIL_DURATION, "mode" => report.mode).record(report.tail_ms / 1e3);
         }
     }
 }

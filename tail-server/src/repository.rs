@@ -137,7 +137,8 @@ impl ServedModel {
     /// and resized by the head — into the full model's input (`[1, 3, H, W]`).
     ///
     /// The size is checked from the image's header before its pixels are decoded, so a
-    /// hostile image cannot make the tail allocate more than one input's worth.
+    /// hostile image cannot make the tail allocate more than one input's worth
+    /// ([`cleave_codec::offload`], fuzzed).
     ///
     /// # Errors
     ///
@@ -152,28 +153,11 @@ impl ServedModel {
         }
         let spec = &self.bundle.manifest().input;
         let (width, height) = (spec.width as u32, spec.height as u32);
-        let bad = |reason: String| {
-            TailError::BadRequest(format!(
-                "the offloaded image is not a {width}x{height} JPEG or PNG: {reason}"
-            ))
-        };
-        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| bad(e.to_string()))?;
-        let mut limits = image::Limits::default();
-        limits.max_image_width = Some(width);
-        limits.max_image_height = Some(height);
-        limits.max_alloc = Some(u64::from(width) * u64::from(height) * 4 + (1 << 20));
-        reader.limits(limits.clone());
-        let (w, h) = reader.into_dimensions().map_err(|e| bad(e.to_string()))?;
-        if (w, h) != (width, height) {
-            return Err(bad(format!("it is {w}x{h}")));
-        }
-        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| bad(e.to_string()))?;
-        reader.limits(limits);
-        let rgb = reader.decode().map_err(|e| bad(e.to_string()))?.to_rgb8();
+        let rgb = cleave_codec::offload::decode_image(bytes, width, height)
+            .map_err(|e| TailError::BadRequest(format!("offloaded image: {e}")))?;
+        let rgb = image::RgbImage::from_raw(width, height, rgb).ok_or_else(|| {
+            TailError::BadRequest("offloaded image: the decoder returned a short buffer".into())
+        })?;
         let sample = Preprocessor::new(spec).tensor(&rgb);
         Ok(Tensor::stack(&[&sample]))
     }

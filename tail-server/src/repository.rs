@@ -173,17 +173,8 @@ impl ServedModel {
         bytes: &[u8],
         deadline: Option<Instant>,
     ) -> Result<Answer, TailError> {
-        let received = Instant::now();
-        self.metrics.received(bytes.len());
-        let input = match self.decode_image(bytes) {
-            Ok(input) => input,
-            Err(error) => {
-                self.metrics
-                    .answered(Err(Failure::BadInput), received.elapsed());
-                return Err(error);
-            }
-        };
-        self.run(input, deadline, received).await
+        self.decode_and_run(bytes.len(), || self.decode_image(bytes), deadline)
+            .await
     }
 
     /// Decodes one frame and runs it; counts the request, its bytes and its outcome.
@@ -211,9 +202,22 @@ impl ServedModel {
         frames: &[&[u8]],
         deadline: Option<Instant>,
     ) -> Result<Answer, TailError> {
+        let bytes = frames.iter().map(|f| f.len()).sum();
+        self.decode_and_run(bytes, || self.decode_all(frames), deadline)
+            .await
+    }
+
+    /// Counts `bytes` received, decodes with `decode` (a failure counts as bad input) and
+    /// runs the result.
+    async fn decode_and_run(
+        &self,
+        bytes: usize,
+        decode: impl FnOnce() -> Result<Tensor, TailError>,
+        deadline: Option<Instant>,
+    ) -> Result<Answer, TailError> {
         let received = Instant::now();
-        self.metrics.received(frames.iter().map(|f| f.len()).sum());
-        let input = match self.decode_all(frames) {
+        self.metrics.received(bytes);
+        let input = match decode() {
             Ok(input) => input,
             Err(error) => {
                 self.metrics

@@ -23,6 +23,7 @@ use cleave_engine::Tensor;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::energy::{EnergyMark, EnergyMeter, FrameActivity};
+use crate::link_estimate::LinkEstimate;
 use crate::local::LocalModel;
 use crate::mode::{AutoConfig, Decision, Mode, ModeChooser, Usable};
 use crate::prefilter::Prefilter;
@@ -33,7 +34,10 @@ use crate::scene_gate::SceneGate;
 use crate::session::{Delivery, Session};
 use crate::sources::SourceFrame;
 use crate::spooler::{Spooler, drain};
-use crate::{CodingPolicy, HeadEncoder, HeadError, Payload, UplinkResult};
+
+mod settle;
+use crate::{CodingPolicy, HeadEncoder, HeadError};
+use settle::{SentFrame, joined, local_report, settle};
 
 /// What a run did, for the caller's exit status and summary line.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -174,27 +178,9 @@ enum Pending {
         delivery: oneshot::Receiver<Delivery>,
         /// Kept for the local fallback.
         input: Option<Tensor>,
-        /// Kept for the spool.
-        payload: Option<Payload>,
     },
     /// Already finished (failed to read or encode, ran locally, dropped).
     Done(Box<FrameReport>),
-}
-
-/// What the report of a sent frame needs.
-struct SentFrame {
-    frame_id: u64,
-    source: String,
-    mode: Mode,
-    choice: Option<String>,
-    started: Instant,
-    sent: Instant,
-    preprocess_ms: f64,
-    device_ms: f64,
-    coding: String,
-    bytes: usize,
-    /// The depth rate control chose, if it did.
-    bits: Option<u8>,
 }
 
 /// What the producer and the consumer share.
@@ -301,12 +287,12 @@ pub async fn run(
                         frame,
                         delivery,
                         input,
-                        payload,
                     } => {
                         let delivery = delivery.await.unwrap_or(Delivery::LinkDown {
                             reason: "the uplink session stopped".into(),
+                            payload: None,
                         });
-                        settle(&shared, *frame, delivery, input, payload, &mut summary).await
+                        settle(&shared, *frame, delivery, input, &mut summary).await
                     }
                 };
                 if let (Some(meter), Some(mark), Some(report)) =
@@ -419,7 +405,7 @@ enum Plan {
     Drop(String),
 }
 
-fn plan(shared: &Shared) -> Plan {
+fn plan(shared: &Shared, estimate: LinkEstimate) -> Plan {
     let options = &shared.options;
     let session = shared.session.as_ref();
     let (mode, decision) = match options.mode {
@@ -429,7 +415,7 @@ fn plan(shared: &Shared) -> Plan {
                 link: session.is_some_and(Session::is_up),
                 offload: session.is_some_and(Session::serves_full_model),
                 local: options.local.is_some(),
-                estimate: session.map(Session::estimate).unwrap_or_default(),
+                estimate,
             };
             let mut decision = None;
             shared.observe(|c| decision = Some(c.choose(&usable)));
@@ -490,7 +476,14 @@ async fn take(
             format!("waited {waited:.0} ms for the pipeline, past its deadline; not processed"),
         )));
     }
-    let (mode, work, decision, note) = match plan(shared) {
+    // One reading of the link estimate per frame, for `auto` and rate control alike.
+    let estimate = match (&shared.session, &shared.options.mode, &shared.rate) {
+        (Some(session), ModeSetting::Auto(_), _) | (Some(session), _, Some(_)) => {
+            session.estimate()
+        }
+        _ => LinkEstimate::default(),
+    };
+    let (mode, work, decision, note) = match plan(shared, estimate) {
         Plan::Drop(why) => {
             return Pending::Done(Box::new(FrameReport::unanswered(
                 frame_id,
@@ -513,11 +506,6 @@ async fn take(
     if let (Work::Split { bits: depth }, Some(rate)) = (&mut work, &shared.rate)
         && let Ok(rate) = rate.lock()
     {
-        let estimate = shared
-            .session
-            .as_ref()
-            .map(Session::estimate)
-            .unwrap_or_default();
         let chosen = rate.choose(&estimate);
         *depth = Some(chosen.bits);
         bits = Some(chosen.bits);
@@ -538,12 +526,11 @@ async fn take(
             keep_input,
         )
     });
-    let prepared = job.await;
-    let mut report = match prepared {
-        Ok(Ok(Prepared::Unchanged {
+    let mut report = match joined(job.await, "device work") {
+        Ok(Prepared::Unchanged {
             change,
             preprocess_ms,
-        })) => {
+        }) => {
             let skipped = Failure {
                 kind: "unchanged".into(),
                 message: format!(
@@ -560,12 +547,12 @@ async fn take(
             report.preprocess_ms = preprocess_ms;
             report
         }
-        Ok(Ok(Prepared::Filtered {
+        Ok(Prepared::Filtered {
             interest,
             threshold,
             preprocess_ms,
             device_ms,
-        })) => {
+        }) => {
             let skipped = Failure {
                 kind: "prefilter".into(),
                 message: format!(
@@ -583,7 +570,7 @@ async fn take(
             report.head_ms = device_ms;
             report
         }
-        Ok(Ok(Prepared::Local { ran, preprocess_ms })) => {
+        Ok(Prepared::Local { ran, preprocess_ms }) => {
             if let Ok((_, model_ms)) = &ran {
                 let model_ms = *model_ms;
                 shared.observe(|c| c.observe_device(Mode::Local, model_ms));
@@ -592,13 +579,13 @@ async fn take(
             report.preprocess_ms = preprocess_ms;
             report
         }
-        Ok(Ok(Prepared::Ready {
+        Ok(Prepared::Ready {
             payload,
             coding,
             preprocess_ms,
             device_ms,
             input,
-        })) => {
+        }) => {
             shared.observe(|c| c.observe_device(mode, device_ms));
             let Some(session) = shared.session.as_ref() else {
                 return Pending::Done(Box::new(FrameReport::unanswered(
@@ -610,7 +597,6 @@ async fn take(
                 )));
             };
             let bytes = payload.len();
-            let kept = shared.options.spool.as_ref().map(|_| payload.clone());
             shared.observe(|c| c.sent(mode));
             let sent = Instant::now();
             let delivery = session.submit(frame_id, payload, deadline).await;
@@ -630,236 +616,16 @@ async fn take(
                 }),
                 delivery,
                 input,
-                payload: kept,
             };
         }
-        Ok(Err(e)) => {
-            FrameReport::unanswered(frame_id, source, Status::Failed, failure_kind(&e), e)
+        Err((kind, message)) => {
+            FrameReport::unanswered(frame_id, source, Status::Failed, kind, message)
         }
-        Err(join) => FrameReport::unanswered(
-            frame_id,
-            source,
-            Status::Failed,
-            "input",
-            format!("device work panicked: {join}"),
-        ),
     };
     report.mode = mode.name();
     report.choice = choice;
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Pending::Done(Box::new(report))
-}
-
-/// The reports a delivered frame ends in: its own (none if it went to the spool), and
-/// those of frames the spool evicted for it.
-async fn settle(
-    shared: &Shared,
-    frame: SentFrame,
-    delivery: Delivery,
-    input: Option<Tensor>,
-    payload: Option<Payload>,
-    summary: &mut RunSummary,
-) -> Vec<FrameReport> {
-    if let (Delivery::LinkDown { reason }, Some(spool), Some(payload)) =
-        (&delivery, &shared.options.spool, payload)
-    {
-        shared.observe(|c| c.observe_lost(frame.mode));
-        let (spool, name) = (spool.clone(), frame.source.clone());
-        let stored = tokio::task::spawn_blocking(move || spool.store(&name, &payload)).await;
-        return match stored {
-            Ok(Ok(evicted)) => {
-                summary.spooled += 1;
-                evicted
-                    .into_iter()
-                    .map(|name| {
-                        FrameReport::unanswered(
-                            frame.frame_id,
-                            name,
-                            Status::Dropped,
-                            "spool_full",
-                            "evicted from the full spool to make room for a newer frame",
-                        )
-                    })
-                    .collect()
-            }
-            Ok(Err(why)) => vec![frame.unanswered(
-                Status::Dropped,
-                "link_down",
-                format!("no tail reachable ({reason}) and the spool refused the frame: {why}"),
-            )],
-            Err(join) => vec![frame.unanswered(
-                Status::Failed,
-                "spool",
-                format!("spooling panicked: {join}"),
-            )],
-        };
-    }
-    vec![settle_here(shared, frame, delivery, input).await]
-}
-
-/// The report of a frame the session delivered; runs it here if the link was down and
-/// the policy (or `auto`) says so.
-async fn settle_here(
-    shared: &Shared,
-    frame: SentFrame,
-    delivery: Delivery,
-    input: Option<Tensor>,
-) -> FrameReport {
-    let mode = frame.mode;
-    match delivery {
-        Delivery::Answered {
-            result,
-            server,
-            sends,
-            wire_bytes,
-        } => {
-            if matches!(
-                result.outcome,
-                Outcome::Classified { .. } | Outcome::Detected { .. }
-            ) {
-                let (bytes, tail_ms) = (frame.bytes, result.tail_ms);
-                shared.observe(|c| c.observe_answer(mode, bytes, tail_ms));
-                if let (Some(bits), Some(rate)) = (frame.bits, &shared.rate)
-                    && let Ok(mut rate) = rate.lock()
-                    && tail_ms.is_finite()
-                    && tail_ms >= 0.0
-                {
-                    rate.observe(bits, bytes, frame.device_ms, tail_ms);
-                }
-            } else {
-                shared.observe(|c| c.observe_lost(mode));
-            }
-            frame.answered(result, server, sends, wire_bytes)
-        }
-        Delivery::Expired {
-            sends,
-            wire_bytes,
-            why,
-        } => {
-            shared.observe(|c| c.observe_lost(mode));
-            let mut report = frame.unanswered(Status::Expired, "expired", why);
-            report.sends = sends;
-            report.wire_bytes = wire_bytes;
-            report
-        }
-        Delivery::LinkDown { reason } => {
-            shared.observe(|c| c.observe_lost(mode));
-            let runs_here = shared.options.on_link_down == LinkDownPolicy::Local
-                || shared.options.auto_runs_locally();
-            match (&shared.options.local, input) {
-                (Some(local), Some(input)) if runs_here => {
-                    let local = local.clone();
-                    let job = tokio::task::spawn_blocking(move || local.run(&input));
-                    let ran = job.await;
-                    if let Ok(Ok((_, model_ms))) = &ran {
-                        let model_ms = *model_ms;
-                        shared.observe(|c| c.observe_device(Mode::Local, model_ms));
-                    }
-                    let mut report = local_report(
-                        frame.frame_id,
-                        frame.source,
-                        frame.started,
-                        ran,
-                        Some(format!(
-                            "the link went down ({reason}); ran the full model on this device"
-                        )),
-                    );
-                    report.choice = frame.choice;
-                    report.preprocess_ms = frame.preprocess_ms;
-                    report
-                }
-                _ => frame.unanswered(
-                    Status::Dropped,
-                    "link_down",
-                    format!("no tail reachable, frame dropped: {reason}"),
-                ),
-            }
-        }
-    }
-}
-
-impl SentFrame {
-    fn answered(
-        self,
-        result: UplinkResult,
-        server: String,
-        sends: u32,
-        wire_bytes: usize,
-    ) -> FrameReport {
-        let now = Instant::now();
-        let round_trip_ms = (now - self.sent).as_secs_f64() * 1e3;
-        let status = match &result.outcome {
-            Outcome::Failed { error } if error.kind == "deadline_exceeded" => Status::Expired,
-            Outcome::Failed { .. } => Status::Failed,
-            Outcome::Classified { .. } | Outcome::Detected { .. } => Status::Answered,
-            Outcome::Skipped { .. } => Status::Dropped,
-        };
-        let mut report = FrameReport::blank(self.frame_id, self.source, status, result.outcome);
-        report.mode = self.mode.name();
-        report.choice = self.choice;
-        report.server = Some(server);
-        report.sends = sends;
-        report.coding = Some(self.coding);
-        report.bytes_sent = self.bytes;
-        report.wire_bytes = wire_bytes;
-        report.tail_received_bytes = result.received_bytes;
-        report.preprocess_ms = self.preprocess_ms;
-        report.head_ms = self.device_ms;
-        report.uplink_ms = (round_trip_ms - result.tail_ms).max(0.0);
-        report.tail_ms = result.tail_ms;
-        report.total_ms = (now - self.started).as_secs_f64() * 1e3;
-        report
-    }
-
-    fn unanswered(self, status: Status, kind: &str, message: String) -> FrameReport {
-        let mut report = FrameReport::unanswered(self.frame_id, self.source, status, kind, message);
-        report.mode = self.mode.name();
-        report.choice = self.choice;
-        report.coding = Some(self.coding);
-        report.bytes_sent = self.bytes;
-        report.preprocess_ms = self.preprocess_ms;
-        report.head_ms = self.device_ms;
-        report.total_ms = self.started.elapsed().as_secs_f64() * 1e3;
-        report
-    }
-}
-
-fn local_report(
-    frame_id: u64,
-    source: String,
-    started: Instant,
-    ran: Result<Result<(Outcome, f64), HeadError>, tokio::task::JoinError>,
-    note: Option<String>,
-) -> FrameReport {
-    let mut report = match ran {
-        Ok(Ok((outcome, model_ms))) => {
-            let mut report = FrameReport::blank(frame_id, source, Status::Answered, outcome);
-            report.head_ms = model_ms;
-            report
-        }
-        Ok(Err(e)) => {
-            FrameReport::unanswered(frame_id, source, Status::Failed, failure_kind(&e), e)
-        }
-        Err(join) => FrameReport::unanswered(
-            frame_id,
-            source,
-            Status::Failed,
-            "input",
-            format!("local model panicked: {join}"),
-        ),
-    };
-    report.mode = Mode::Local.name();
-    report.note = note;
-    report.total_ms = started.elapsed().as_secs_f64() * 1e3;
-    report
-}
-
-fn failure_kind(error: &HeadError) -> &'static str {
-    match error {
-        HeadError::Codec(_) => "codec",
-        HeadError::Uplink { .. } | HeadError::BundleMismatch { .. } => "uplink",
-        _ => "input",
-    }
 }
 
 /// Writes a report as one JSON line and flushes it.

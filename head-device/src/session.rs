@@ -108,6 +108,9 @@ pub enum Delivery {
     LinkDown {
         /// The last connection error.
         reason: String,
+        /// The frame's payload, handed back so the caller can spool it without keeping a
+        /// copy of every frame it sends; `None` only if the session itself is gone.
+        payload: Option<Payload>,
     },
 }
 
@@ -125,6 +128,17 @@ struct Job {
 }
 
 impl Job {
+    /// Answers `LinkDown`, handing the payload back.
+    fn link_down(self, reason: String) {
+        let Job { payload, reply, .. } = self;
+        if let Some(reply) = reply {
+            let _ = reply.send(Delivery::LinkDown {
+                reason,
+                payload: Some(payload),
+            });
+        }
+    }
+
     fn deliver(&mut self, delivery: Delivery) {
         if let Some(reply) = self.reply.take() {
             // The caller may have stopped waiting; nothing to do then.
@@ -237,10 +251,8 @@ impl Session {
             wire_bytes: 0,
             reply: Some(reply),
         };
-        if let Err(mpsc::error::SendError(mut job)) = self.jobs.send(job).await {
-            job.deliver(Delivery::LinkDown {
-                reason: "the uplink session has stopped".into(),
-            });
+        if let Err(mpsc::error::SendError(job)) = self.jobs.send(job).await {
+            job.link_down("the uplink session has stopped".into());
         }
         delivery
     }
@@ -375,11 +387,9 @@ impl Driver {
             .fold(far, Instant::min)
     }
 
-    fn accept(&mut self, mut job: Job) {
+    fn accept(&mut self, job: Job) {
         if self.down && self.config.fail_fast_when_down {
-            job.deliver(Delivery::LinkDown {
-                reason: self.last_error.clone(),
-            });
+            job.link_down(self.last_error.clone());
         } else {
             self.waiting.push_back(job);
         }
@@ -624,10 +634,8 @@ impl Driver {
         if !self.config.fail_fast_when_down {
             return;
         }
-        for mut job in self.waiting.drain(..) {
-            job.deliver(Delivery::LinkDown {
-                reason: self.last_error.clone(),
-            });
+        for job in self.waiting.drain(..) {
+            job.link_down(self.last_error.clone());
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Support for Cleave's end-to-end tests: the repository's paths, the built binaries, a
 //! `cleave-tail` process on an ephemeral port, a `cleave-head` process read line by line, a
-//! byte-counting TCP relay, and bundle copies with one thing changed.
+//! byte-counting TCP relay, a link emulator whose outages reset connections, and bundle
+//! copies with one thing changed.
 //!
 //! The tests themselves live in `tests/`; everything here is plumbing they share.
 
@@ -11,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use cleave_bench::link::{LinkEmulator, LinkProfile, OutageMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -344,4 +346,20 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
         .unwrap_or_default()
         .to_string();
     Some((status, body))
+}
+
+/// A link emulator on an ephemeral loopback port in front of `to`, unshaped, whose outages
+/// (`set_down(true)`) reset every connection, as a tail that died does.
+///
+/// # Panics
+///
+/// If the emulator cannot start.
+pub async fn resetting_link(to: SocketAddr) -> LinkEmulator {
+    let profile = LinkProfile {
+        outage_mode: OutageMode::Reset,
+        ..LinkProfile::default()
+    };
+    LinkEmulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), to, profile)
+        .await
+        .expect("the link emulator starts on loopback")
 }

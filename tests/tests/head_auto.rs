@@ -13,9 +13,11 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use cleave_bench::link::{LinkEmulator, LinkProfile, OutageMode, Shaping};
+use cleave_bench::link::{LinkEmulator, LinkProfile, Shaping};
 use cleave_engine::{Backend, Bundle, EngineError, OrtDevice, Role};
-use cleave_tests::{HeadProcess, TailProcess, default_bundle, sample_files, samples};
+use cleave_tests::{
+    HeadProcess, TailProcess, default_bundle, resetting_link, sample_files, samples,
+};
 use serde_json::Value;
 
 fn run_head(flags: &[&str]) -> Vec<Value> {
@@ -258,16 +260,7 @@ async fn auto_offloads_on_a_fast_link_splits_on_a_slow_one_and_runs_locally_with
     }
 
     // Gone: every connection reset; the head never reaches the tail.
-    let gone = LinkEmulator::start(
-        "127.0.0.1:0".parse().unwrap(),
-        tail.addr,
-        LinkProfile {
-            outage_mode: OutageMode::Reset,
-            ..LinkProfile::default()
-        },
-    )
-    .await
-    .unwrap();
+    let gone = resetting_link(tail.addr).await;
     gone.set_down(true);
     let (modes, lines) = auto_through(&gone, "1", "split,local,offload").await;
     assert!(

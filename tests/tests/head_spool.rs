@@ -6,8 +6,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use cleave_bench::link::{LinkEmulator, LinkProfile, OutageMode};
-use cleave_tests::{HeadProcess, TailProcess, TempDir, default_bundle, sample_files, samples};
+use cleave_tests::{
+    HeadProcess, TailProcess, TempDir, default_bundle, resetting_link, sample_files, samples,
+};
 use serde_json::Value;
 
 fn from_spool(line: &Value) -> bool {
@@ -100,16 +101,7 @@ fn frames_spooled_while_no_tail_runs_are_answered_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_spools_frames_and_they_are_sent_when_the_link_returns() {
     let tail = TailProcess::start(&default_bundle());
-    let link = LinkEmulator::start(
-        "127.0.0.1:0".parse().unwrap(),
-        tail.addr,
-        LinkProfile {
-            outage_mode: OutageMode::Reset,
-            ..LinkProfile::default()
-        },
-    )
-    .await
-    .unwrap();
+    let link = resetting_link(tail.addr).await;
     let spool = TempDir::new("spool-outage");
     let server = format!("http://{}", link.local_addr());
     let (dir, replay) = (

@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use cleave_bench::link::{LinkEmulator, LinkProfile, OutageMode, Shaping};
-use cleave_tests::{HeadProcess, TailProcess, default_bundle, samples};
+use cleave_tests::{HeadProcess, TailProcess, default_bundle, resetting_link, samples};
 use serde_json::Value;
 
 /// Replays the samples through `link` with `flags`; `outage` runs (on the test's runtime)
@@ -79,16 +79,7 @@ fn check_local_during_and_split_after(lines: &[Value]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_link_falls_back_to_the_device_and_returns_to_split() {
     let tail = TailProcess::start(&default_bundle());
-    let link = LinkEmulator::start(
-        "127.0.0.1:0".parse().unwrap(),
-        tail.addr,
-        LinkProfile {
-            outage_mode: OutageMode::Reset,
-            ..LinkProfile::default()
-        },
-    )
-    .await
-    .unwrap();
+    let link = resetting_link(tail.addr).await;
     let lines = replay_through(&link, &[], async {
         tokio::time::sleep(Duration::from_millis(2000)).await;
         link.set_down(true);

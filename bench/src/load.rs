@@ -302,7 +302,8 @@ pub(crate) async fn run(args: TailLoadArgs) -> anyhow::Result<()> {
     for backend in floor_backends {
         let (bundle, instances, batches) =
             (bundle.clone(), args.instances.clone(), batches.clone());
-        let options = args.load_options();
+        let threads = args.threads;
+        let options = move |k: usize| load_options(threads, k);
         let tensors = frames.tensors.clone();
         let seconds = args.floor_s;
         let floor = tokio::task::spawn_blocking(move || {
@@ -414,11 +415,21 @@ fn encode_frames(bundle: &Arc<Bundle>, files: &[PathBuf]) -> anyhow::Result<Fram
 }
 
 impl TailLoadArgs {
-    /// How the server and the floor load the model.
-    fn load_options(&self) -> LoadOptions {
+    /// How the server and the floor load each of `instances` models: `--threads`, or (0)
+    /// the cores shared out among them, as `cleave-tail` does.
+    fn load_options(&self, instances: usize) -> LoadOptions {
+        load_options(self.threads, instances)
+    }
+}
+
+/// `--threads` (0: the cores shared out among `instances`) as load options.
+fn load_options(threads: usize, instances: usize) -> LoadOptions {
+    if threads > 0 {
         LoadOptions {
-            threads: (self.threads > 0).then_some(self.threads),
+            threads: Some(threads),
         }
+    } else {
+        LoadOptions::sharing_cores(instances)
     }
 }
 
@@ -434,7 +445,7 @@ async fn serve_and_load(
     let mut config = TailConfig::new(&args.bundle);
     config.model_defaults.backend = backend;
     config.model_defaults.instances = instances;
-    config.model_defaults.threads = args.load_options().threads;
+    config.model_defaults.threads = args.load_options(instances).threads;
     config.model_defaults.batching = setting.batching();
     let tail = TailServer::build(&config)
         .await

@@ -76,6 +76,23 @@ pub struct LoadOptions {
     pub threads: Option<usize>,
 }
 
+impl LoadOptions {
+    /// Threads for each of `instances` models that run at once: the machine's cores shared
+    /// out, at least one each, so that together they use each core once.
+    ///
+    /// ONNX Runtime's own default (a pool of one thread per core in every session)
+    /// oversubscribes the cores as soon as two instances run: on a 2-vCPU VM, two
+    /// instances of the bundled tail served 241 and 245 frames/s unbatched (16 heads) with
+    /// two threads each, and 409 and 394 with one each (`cleave-bench tail-load
+    /// --instances 2 --setting max=1 --heads 16 --threads 2|0`, alternated).
+    pub fn sharing_cores(instances: usize) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        Self {
+            threads: Some((cores / instances.max(1)).max(1)),
+        }
+    }
+}
+
 enum Runner {
     Tract(crate::tract_backend::TractModel),
     #[cfg(feature = "ort")]

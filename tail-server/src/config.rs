@@ -13,7 +13,7 @@
 //! [model_defaults]                      # every model, unless [models.<name>] says otherwise
 //! backend = "tract"                     # tract | ort | ort-cuda | ort-tensorrt
 //! instances = 1                         # model threads (each loads its own copy)
-//! threads = 0                           # threads per run (ONNX Runtime); 0: one per core
+//! threads = 0                           # threads per run (ONNX Runtime); 0: cores / instances
 //! full_model = false                    # also serve the full model (KServe, head offload)
 //! [model_defaults.batching]
 //! max_batch_size = 8
@@ -45,7 +45,8 @@ pub struct ModelSettings {
     pub backend: Backend,
     /// Model threads, each with its own copy of the model.
     pub instances: usize,
-    /// Threads one model run may use (ONNX Runtime; `None`: one per core).
+    /// Threads one model run may use (ONNX Runtime; `None`: the cores shared out among
+    /// the instances, see [`cleave_engine::LoadOptions::sharing_cores`]).
     pub threads: Option<usize>,
     /// The dynamic batcher's settings.
     pub batching: BatchingConfig,
@@ -176,7 +177,7 @@ pub struct ModelSettingsFile {
     pub backend: Option<String>,
     /// Model threads.
     pub instances: Option<usize>,
-    /// Threads per model run (ONNX Runtime); 0 for its default.
+    /// Threads per model run (ONNX Runtime); 0: the cores divided among the instances.
     pub threads: Option<usize>,
     /// Serve the full model too.
     pub full_model: Option<bool>,

@@ -48,8 +48,9 @@ struct Args {
     /// Model threads per model, each with its own copy of the model. [default: 1]
     #[arg(long)]
     instances: Option<usize>,
-    /// Threads one model run may use (ONNX Runtime's intra-op pool; tract runs one); 0: one
-    /// per core. With several instances on few cores, 1 keeps them from fighting. [default: 0]
+    /// Threads one model run may use (ONNX Runtime's intra-op pool; tract runs one); 0: the
+    /// cores divided among the instances (at least 1 each), so instances never fight over
+    /// cores. [default: 0]
     #[arg(long)]
     threads: Option<usize>,
     /// Most samples per model run; 1 turns dynamic batching off. [default: 8]

@@ -462,8 +462,11 @@ fn load_model(
     let started = Instant::now();
     let mut instances = Vec::with_capacity(settings.instances);
     for _ in 0..settings.instances {
-        let options = LoadOptions {
-            threads: settings.threads,
+        let options = match settings.threads {
+            Some(threads) => LoadOptions {
+                threads: Some(threads),
+            },
+            None => LoadOptions::sharing_cores(settings.instances),
         };
         let model = bundle.load_with(role, &settings.backend, &options)?;
         warm_up(name, &model, &settings.batching)?;

@@ -28,19 +28,19 @@ pub(super) type Floor = Result<Vec<FloorRow>, String>;
 pub(super) fn floor(
     bundle: &Bundle,
     backend: Backend,
-    options: &LoadOptions,
+    options: &impl Fn(usize) -> LoadOptions,
     instances: &[usize],
     batches: &[usize],
     tensors: &[Tensor],
     seconds: f64,
 ) -> Floor {
     let mut rows = Vec::new();
-    let most = instances.iter().copied().max().unwrap_or(1);
-    let models: Vec<Model> = (0..most)
-        .map(|_| bundle.load_with(Role::Tail, &backend, options))
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
     for &k in instances {
+        // Loaded per instance count: the threads each may use depend on how many there are.
+        let models: Vec<Model> = (0..k)
+            .map(|_| bundle.load_with(Role::Tail, &backend, &options(k)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
         for &batch in batches {
             let samples: Vec<&Tensor> = tensors.iter().cycle().take(batch).collect();
             let input = Tensor::stack(&samples);

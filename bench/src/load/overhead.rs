@@ -59,7 +59,7 @@ pub(super) async fn measure(
     let mut config = TailConfig::new(&args.bundle);
     config.model_defaults.backend = backend;
     config.model_defaults.instances = 1;
-    config.model_defaults.threads = args.load_options().threads;
+    config.model_defaults.threads = args.load_options(1).threads;
     config.model_defaults.batching = Setting::unbatched().batching();
     let tail = TailServer::build(&config)
         .await
@@ -68,7 +68,7 @@ pub(super) async fn measure(
     let serving = tail.spawn();
     let model = {
         let bundle = bundle.clone();
-        let options = args.load_options();
+        let options = args.load_options(1);
         tokio::task::spawn_blocking(move || bundle.load_with(Role::Tail, &backend, &options))
             .await
             .context("loading task")??

@@ -421,7 +421,9 @@ pub(super) fn preamble(
         args.warmup_s,
         args.duration_s,
         match args.threads {
-            0 => "its default intra-op pool (one thread per core)".to_string(),
+            0 => "an intra-op pool of the machine's cores divided by the instances (at least \
+                   one thread each), as `cleave-tail` does by default,"
+                .to_string(),
             1 => "1 thread".to_string(),
             n => format!("{n} threads"),
         },

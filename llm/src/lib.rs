@@ -1,0 +1,28 @@
+//! cleave-llm: a language model served tensor-parallel across weak edge nodes (TPI-LLM
+//! style), read straight from GGUF.
+//!
+//! # Brief overview
+//!
+//! - [`gguf`] opens a GGUF file (versions 2 and 3): its metadata, its tensor directory, and
+//!   the bytes of any tensor or row slice of one, read on demand so that a node can load
+//!   only its shard, and a window of layers at a time. [`gguf::writer`] writes GGUF: the
+//!   tests' synthetic models, and shard files.
+//! - [`quant`] knows ggml's tensor types (F32, F16, Q4_0, Q4_1, Q8_0): their block layout,
+//!   dequantization, and ggml's reference quantizers.
+//!
+//! The model, the tokenizer, sharding, the all-reduce, the weight window and the
+//! OpenAI-compatible API are built on these (issue 6); this crate knows nothing of the
+//! vision path, and shares only `proto` with the rest of the workspace.
+//!
+//! ```no_run
+//! use cleave_llm::gguf::Gguf;
+//!
+//! let model = Gguf::open("SmolLM2-135M-Instruct.Q4_1.gguf")?;
+//! let layers = model.get_u64("llama.block_count")?;
+//! let norm = model.read_f32("output_norm.weight")?;
+//! println!("{layers} layers; the final norm has {} weights", norm.len());
+//! # Ok::<(), cleave_llm::gguf::GgufError>(())
+//! ```
+
+pub mod gguf;
+pub mod quant;

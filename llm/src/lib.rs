@@ -9,8 +9,13 @@
 //!   tests' synthetic models, and shard files.
 //! - [`quant`] knows ggml's tensor types (F32, F16, Q4_0, Q4_1, Q8_0): their block layout,
 //!   dequantization, and ggml's reference quantizers.
+//! - [`tokenizer`] turns text into token ids and back with the vocabulary the file carries
+//!   (byte-level BPE as llama.cpp does it), and streams decoded text without cutting a
+//!   UTF-8 character.
 //!
-//! The model, the tokenizer, sharding, the all-reduce, the weight window and the
+//! - [`chat`] renders a conversation with the Jinja chat template the file carries.
+//!
+//! The model, sharding, the all-reduce, the weight window and the
 //! OpenAI-compatible API are built on these (issue 6); this crate knows nothing of the
 //! vision path, and shares only `proto` with the rest of the workspace.
 //!
@@ -24,5 +29,12 @@
 //! # Ok::<(), cleave_llm::gguf::GgufError>(())
 //! ```
 
+pub mod chat;
 pub mod gguf;
+pub mod matmul;
+pub mod model;
 pub mod quant;
+pub mod tokenizer;
+
+#[cfg(test)]
+mod test_model;

@@ -1,13 +1,20 @@
 //! `cleave-llm`: the command line of the tensor-parallel LLM runtime.
 //!
-//! For now it inspects GGUF files: what a node would load, and whether cleave-llm can.
+//! `inspect` shows what a GGUF file holds; `run` generates on this node alone (greedy), the
+//! reference the tensor-parallel cluster must match token for token.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use cleave_llm::chat::{ChatTemplate, Message};
 use cleave_llm::gguf::{Gguf, Value};
+use cleave_llm::model::{KvCache, Model, argmax};
+use cleave_llm::tokenizer::{Tokenizer, Utf8Stream};
 
 /// Tensor-parallel LLM inference across edge nodes, from GGUF files.
 #[derive(Debug, Parser)]
@@ -28,6 +35,32 @@ enum Command {
         #[arg(long)]
         tensors: bool,
     },
+    /// Generates text on this node alone, greedily (the most likely token each step), and
+    /// prints it as it comes; timings go to stderr.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The GGUF model (a llama-architecture model with a gpt2-style vocabulary).
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt. With --chat it is the user's message, put into the model's chat
+    /// template; without, it is completed as it is.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template (for instruct models).
+    #[arg(long)]
+    chat: bool,
+    /// Most tokens to generate (generation also stops at the end-of-sequence token).
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Compute threads; 0: one per core.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Print the token ids generated, one line, after the text.
+    #[arg(long)]
+    print_ids: bool,
 }
 
 fn main() -> ExitCode {
@@ -43,6 +76,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Inspect { file, tensors } => inspect(&file, tensors),
+        Command::Run(args) => generate(&args),
     }
 }
 
@@ -127,4 +161,74 @@ fn show(value: &Value) -> String {
             .or_else(|| other.as_f64().map(|v| v.to_string()))
             .unwrap_or_default(),
     }
+}
+
+fn generate(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    if args.threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(args.threads)
+            .build_global()
+            .context("starting the compute threads")?;
+    }
+    let loading = Instant::now();
+    let gguf = Gguf::open(&args.model)?;
+    let tokenizer = Tokenizer::from_gguf(&gguf)?;
+    let model = Model::load(&gguf)?;
+    let load_s = loading.elapsed().as_secs_f64();
+    let (text, parse_special) = if args.chat {
+        let template = ChatTemplate::from_gguf(&gguf)?;
+        let user = [Message::new("user", &args.prompt)];
+        (template.render(&user, true, "", "")?, true)
+    } else {
+        (args.prompt.clone(), false)
+    };
+    let mut prompt = Vec::new();
+    if tokenizer.adds_bos() {
+        prompt.extend(tokenizer.bos());
+    }
+    prompt.extend(tokenizer.encode(&text, parse_special));
+    anyhow::ensure!(!prompt.is_empty(), "the prompt is empty");
+    let mut cache = KvCache::new(model.config(), prompt.len() + args.max_tokens);
+    let started = Instant::now();
+    let mut logits = Vec::new();
+    for &token in &prompt {
+        logits = model.forward(token, &mut cache)?;
+    }
+    let first_token_s = started.elapsed().as_secs_f64();
+    let mut generated = Vec::new();
+    let mut stream = Utf8Stream::default();
+    let mut out = std::io::stdout().lock();
+    let decoding = Instant::now();
+    while generated.len() < args.max_tokens {
+        let next = argmax(&logits);
+        if Some(next) == tokenizer.eos() {
+            break;
+        }
+        generated.push(next);
+        let mut bytes = Vec::new();
+        tokenizer.piece(next, true, &mut bytes);
+        write!(out, "{}", stream.push(&bytes))?;
+        out.flush()?;
+        if generated.len() == args.max_tokens {
+            break;
+        }
+        logits = model.forward(next, &mut cache)?;
+    }
+    writeln!(out, "{}", stream.finish())?;
+    if args.print_ids {
+        writeln!(out, "{generated:?}")?;
+    }
+    let decode_s = decoding.elapsed().as_secs_f64();
+    eprintln!(
+        "{} weights ({:.1} MB) loaded in {load_s:.2} s; prompt {} tokens, first token after \
+         {:.1} ms; {} tokens in {decode_s:.2} s ({:.1} tokens/s) on {} threads",
+        args.model.display(),
+        model.weight_bytes() as f64 / 1e6,
+        prompt.len(),
+        first_token_s * 1e3,
+        generated.len(),
+        generated.len() as f64 / decode_s.max(1e-9),
+        rayon::current_num_threads()
+    );
+    Ok(ExitCode::SUCCESS)
 }

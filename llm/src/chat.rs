@@ -1,0 +1,166 @@
+//! Chat templates: the conversation an instruct model was trained on, from the Jinja
+//! template its GGUF file carries (`tokenizer.chat_template`).
+//!
+//! Rendered with MiniJinja, given what Hugging Face's `apply_chat_template` gives a template:
+//! `messages` (role and content), `add_generation_prompt`, `bos_token`, `eos_token`, and a
+//! `raise_exception(message)` function. The rendered text contains control tokens
+//! (`<|im_start|>`) and is tokenized with them parsed; the messages' own text is not
+//! trusted to contain them, see [`crate::tokenizer::Tokenizer::encode`].
+
+use minijinja::{Environment, Error, ErrorKind, context};
+use serde::Serialize;
+
+use crate::gguf::{Gguf, GgufError};
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// What was said.
+    pub content: String,
+}
+
+impl Message {
+    /// A message from `role`.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// Why a conversation could not be rendered.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChatError {
+    /// The file has no template.
+    #[error("the model has no chat template (tokenizer.chat_template); use plain completion")]
+    NoTemplate,
+    /// Reading the template from the file failed.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    /// The template does not parse, or failed (or refused the conversation) when rendered.
+    #[error("chat template: {0:#}")]
+    Template(#[from] Error),
+}
+
+/// A parsed chat template.
+#[derive(Debug)]
+pub struct ChatTemplate {
+    env: Environment<'static>,
+}
+
+impl ChatTemplate {
+    /// Parses `source`.
+    ///
+    /// # Errors
+    ///
+    /// [`ChatError::Template`] when it is not valid Jinja.
+    pub fn new(source: &str) -> Result<Self, ChatError> {
+        let mut env = Environment::new();
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_template_owned("chat", source.to_string())?;
+        Ok(Self { env })
+    }
+
+    /// The template of a GGUF file.
+    ///
+    /// # Errors
+    ///
+    /// [`ChatError::NoTemplate`], [`ChatError::Gguf`] for a value that is not a string,
+    /// [`ChatError::Template`].
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self, ChatError> {
+        match gguf.get_str("tokenizer.chat_template") {
+            Ok(source) => Self::new(source),
+            Err(GgufError::MissingKey { .. }) => Err(ChatError::NoTemplate),
+            Err(other) => Err(other.into()),
+        }
+    }
+
+    /// The prompt text of `messages`; with `add_generation_prompt`, ending where the
+    /// assistant's answer begins.
+    ///
+    /// # Errors
+    ///
+    /// [`ChatError::Template`] when rendering fails or the template raises (a role order
+    /// it does not accept, say).
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String, ChatError> {
+        let template = self.env.get_template("chat")?;
+        Ok(template.render(context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => bos_token,
+            eos_token => eos_token,
+        })?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// SmolLM2-135M-Instruct's template, as its GGUF file carries it.
+    const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] \
+        != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, \
+        trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] \
+        + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if \
+        add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn smollm2_conversations_render_as_chatml() {
+        let template = ChatTemplate::new(SMOLLM2).unwrap();
+        let one = template
+            .render(&[Message::new("user", "Hi")], true, "", "")
+            .unwrap();
+        assert_eq!(
+            one,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by \
+             Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let own_system = template
+            .render(
+                &[
+                    Message::new("system", "Be brief."),
+                    Message::new("user", "2+2?"),
+                    Message::new("assistant", "4"),
+                ],
+                false,
+                "",
+                "",
+            )
+            .unwrap();
+        assert_eq!(
+            own_system,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n\
+             <|im_start|>assistant\n4<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn templates_that_raise_or_do_not_parse_are_errors() {
+        let strict = ChatTemplate::new(
+            "{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}",
+        )
+        .unwrap();
+        let err = strict
+            .render(&[Message::new("assistant", "x")], false, "", "")
+            .unwrap_err();
+        assert!(err.to_string().contains("user first"), "{err}");
+        assert!(ChatTemplate::new("{% for %}").is_err());
+    }
+}

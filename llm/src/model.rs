@@ -1,0 +1,461 @@
+//! A llama-architecture decoder read from GGUF, run one token at a time on one node.
+//!
+//! The network (Touvron et al., "LLaMA"; the reference implementation is llama.cpp's
+//! `llm_build_llama`): token embedding, then per layer
+//! `x += Wo · attention(rope(Wq · n(x)), rope(Wk · n(x)), Wv · n(x))` and
+//! `x += Wdown · (silu(Wgate · n(x)) ⊙ Wup · n(x))` with `n` an RMS norm, then a final norm
+//! and the output head (the embedding itself when the file ties them). Attention is grouped
+//! (GQA): `head_count / head_count_kv` query heads share each K/V head.
+//!
+//! **RoPE.** GGUF's converter permutes the rows of Wq and Wk so that each head's rotation
+//! pairs are adjacent (dimensions 2i and 2i+1), not split in halves as in Hugging Face's
+//! weights; this file rotates adjacent pairs, as llama.cpp does for llama. The permutation
+//! stays inside each head, so a shard of whole heads is still a valid slice.
+//!
+//! The model is immutable once loaded; what a sequence accumulates (keys and values) lives
+//! in a separate [`KvCache`] passed by `&mut`.
+
+use crate::gguf::{Gguf, GgufError};
+use crate::matmul::{QMatrix, ShapeMismatch};
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// Reading the file failed, or a key or tensor is missing.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    /// An architecture or shape this crate does not run.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A tensor's shape contradicts the hyperparameters.
+    #[error("tensor `{name}`: {reason}")]
+    Shape {
+        /// The tensor.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The hyperparameters, resolved from the file's metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Width of the residual stream.
+    pub hidden: usize,
+    /// Inner width of the feed-forward network.
+    pub ffn: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (GQA groups).
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Tokens in the vocabulary (rows of the output head).
+    pub vocab: usize,
+    /// Longest sequence the model was trained for.
+    pub context: usize,
+    /// RMS norm epsilon.
+    pub norm_eps: f32,
+    /// RoPE base frequency.
+    pub rope_base: f32,
+}
+
+impl Config {
+    /// The hyperparameters of a llama-architecture file.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::Unsupported`] for another architecture or inconsistent sizes;
+    /// [`ModelError::Gguf`] for missing keys.
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self, ModelError> {
+        let arch = gguf.get_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(ModelError::Unsupported(format!(
+                "general.architecture = {arch:?}: cleave-llm runs \"llama\" models"
+            )));
+        }
+        let size = |key: &str| -> Result<usize, ModelError> {
+            let value = gguf.get_u64(key)?;
+            usize::try_from(value)
+                .ok()
+                .filter(|&v| v > 0 && v < 1 << 24)
+                .ok_or_else(|| ModelError::Unsupported(format!("{key} = {value}")))
+        };
+        let layers = size("llama.block_count")?;
+        let hidden = size("llama.embedding_length")?;
+        let heads = size("llama.attention.head_count")?;
+        let kv_heads = match gguf.get_u64("llama.attention.head_count_kv") {
+            Err(GgufError::MissingKey { .. }) => heads,
+            _ => size("llama.attention.head_count_kv")?,
+        };
+        if hidden % heads != 0 || heads % kv_heads != 0 {
+            return Err(ModelError::Unsupported(format!(
+                "{heads} heads of a {hidden}-wide model with {kv_heads} KV heads: heads must \
+                 divide the width and KV heads the heads"
+            )));
+        }
+        let head_dim = hidden / heads;
+        if head_dim % 2 != 0 {
+            return Err(ModelError::Unsupported(format!(
+                "odd head width {head_dim}"
+            )));
+        }
+        let float = |key: &str, default: f64| match gguf.get_f64(key) {
+            Ok(v) => Ok(v as f32),
+            Err(GgufError::MissingKey { .. }) => Ok(default as f32),
+            Err(e) => Err(ModelError::from(e)),
+        };
+        let vocab = gguf
+            .tensor("token_embd.weight")?
+            .dims
+            .get(1)
+            .and_then(|&v| usize::try_from(v).ok())
+            .unwrap_or(0);
+        Ok(Self {
+            layers,
+            hidden,
+            ffn: size("llama.feed_forward_length")?,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab,
+            context: size("llama.context_length")?,
+            norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5)?,
+            rope_base: float("llama.rope.freq_base", 10_000.0)?,
+        })
+    }
+
+    /// Width of the keys (and values) of one position.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// One transformer block's weights.
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    wo: QMatrix,
+    ffn_norm: Vec<f32>,
+    gate: QMatrix,
+    up: QMatrix,
+    down: QMatrix,
+}
+
+/// A loaded model.
+#[derive(Debug)]
+pub struct Model {
+    config: Config,
+    embedding: QMatrix,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    /// `None`: tied to the embedding.
+    output: Option<QMatrix>,
+}
+
+impl Model {
+    /// Loads every weight of a llama-architecture file into memory.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError`].
+    pub fn load(gguf: &Gguf) -> Result<Self, ModelError> {
+        let config = Config::from_gguf(gguf)?;
+        let c = &config;
+        let matrix = |name: &str, rows: usize, cols: usize| load_matrix(gguf, name, rows, cols);
+        let vector = |name: &str, len: usize| load_vector(gguf, name, len);
+        let mut layers = Vec::with_capacity(c.layers);
+        for i in 0..c.layers {
+            let p = format!("blk.{i}");
+            layers.push(Layer {
+                attn_norm: vector(&format!("{p}.attn_norm.weight"), c.hidden)?,
+                wq: matrix(&format!("{p}.attn_q.weight"), c.hidden, c.hidden)?,
+                wk: matrix(&format!("{p}.attn_k.weight"), c.kv_dim(), c.hidden)?,
+                wv: matrix(&format!("{p}.attn_v.weight"), c.kv_dim(), c.hidden)?,
+                wo: matrix(&format!("{p}.attn_output.weight"), c.hidden, c.hidden)?,
+                ffn_norm: vector(&format!("{p}.ffn_norm.weight"), c.hidden)?,
+                gate: matrix(&format!("{p}.ffn_gate.weight"), c.ffn, c.hidden)?,
+                up: matrix(&format!("{p}.ffn_up.weight"), c.ffn, c.hidden)?,
+                down: matrix(&format!("{p}.ffn_down.weight"), c.hidden, c.ffn)?,
+            });
+        }
+        let output = match gguf.tensor("output.weight") {
+            Ok(_) => Some(matrix("output.weight", c.vocab, c.hidden)?),
+            Err(GgufError::NoTensor(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Self {
+            embedding: matrix("token_embd.weight", c.vocab, c.hidden)?,
+            output_norm: vector("output_norm.weight", c.hidden)?,
+            output,
+            layers,
+            config,
+        })
+    }
+
+    /// The hyperparameters.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        let layer = |l: &Layer| {
+            [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
+                .iter()
+                .map(|m| m.size_bytes())
+                .sum::<usize>()
+                + 4 * (l.attn_norm.len() + l.ffn_norm.len())
+        };
+        self.embedding.size_bytes()
+            + self.output.as_ref().map_or(0, QMatrix::size_bytes)
+            + 4 * self.output_norm.len()
+            + self.layers.iter().map(layer).sum::<usize>()
+    }
+
+    /// Runs `token` at the next position of `cache`; returns the logits of the token after.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::Unsupported`] for a token outside the vocabulary or a full cache.
+    pub fn forward(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
+        let c = &self.config;
+        let token = token as usize;
+        if token >= c.vocab {
+            return Err(ModelError::Unsupported(format!(
+                "token {token} is outside the vocabulary of {}",
+                c.vocab
+            )));
+        }
+        let pos = cache.len;
+        if pos >= cache.capacity {
+            return Err(ModelError::Unsupported(format!(
+                "the sequence is full ({} tokens)",
+                cache.capacity
+            )));
+        }
+        let mut x = Vec::with_capacity(c.hidden);
+        self.embedding.row_into(token, &mut x);
+        let s = &mut cache.scratch;
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, c.norm_eps, &mut s.normed);
+            layer.wq.matvec(&s.normed, &mut s.q);
+            layer.wk.matvec(&s.normed, &mut s.k);
+            layer.wv.matvec(&s.normed, &mut s.v);
+            rope(&mut s.q, c.head_dim, pos, c.rope_base);
+            rope(&mut s.k, c.head_dim, pos, c.rope_base);
+            let (keys, values) = (&mut cache.keys[l], &mut cache.values[l]);
+            keys.extend_from_slice(&s.k);
+            values.extend_from_slice(&s.v);
+            attention(c, &s.q, keys, values, pos + 1, &mut s.scores, &mut s.attn);
+            layer.wo.matvec(&s.attn, &mut s.proj);
+            add(&mut x, &s.proj);
+            rms_norm(&x, &layer.ffn_norm, c.norm_eps, &mut s.normed);
+            layer.gate.matvec(&s.normed, &mut s.gate);
+            layer.up.matvec(&s.normed, &mut s.up);
+            for (g, u) in s.gate.iter_mut().zip(&s.up) {
+                *g = silu(*g) * u;
+            }
+            layer.down.matvec(&s.gate, &mut s.proj);
+            add(&mut x, &s.proj);
+        }
+        cache.len += 1;
+        rms_norm(&x, &self.output_norm, c.norm_eps, &mut s.normed);
+        let mut logits = vec![0.0; c.vocab];
+        self.output
+            .as_ref()
+            .unwrap_or(&self.embedding)
+            .matvec(&s.normed, &mut logits);
+        Ok(logits)
+    }
+}
+
+fn load_matrix(gguf: &Gguf, name: &str, rows: usize, cols: usize) -> Result<QMatrix, ModelError> {
+    let info = gguf.tensor(name)?;
+    let shape = [cols as u64, rows as u64];
+    if info.dims != shape {
+        return Err(ModelError::Shape {
+            name: name.into(),
+            reason: format!("dimensions {:?}, expected {shape:?}", info.dims),
+        });
+    }
+    let ty = info.ggml_type()?;
+    let bytes = gguf.read_bytes(info)?;
+    QMatrix::new(ty, rows, cols, bytes).map_err(|e: ShapeMismatch| ModelError::Shape {
+        name: name.into(),
+        reason: e.to_string(),
+    })
+}
+
+fn load_vector(gguf: &Gguf, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+    let values = gguf.read_f32(name)?;
+    if values.len() != len {
+        return Err(ModelError::Shape {
+            name: name.into(),
+            reason: format!("{} values, expected {len}", values.len()),
+        });
+    }
+    Ok(values)
+}
+
+/// What one sequence accumulates: every layer's keys and values so far, and scratch space.
+#[derive(Debug)]
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    len: usize,
+    capacity: usize,
+    scratch: Scratch,
+}
+
+impl KvCache {
+    /// An empty cache for up to `capacity` tokens (at most the model's context).
+    pub fn new(config: &Config, capacity: usize) -> Self {
+        let capacity = capacity.min(config.context);
+        let per_layer = || vec![Vec::with_capacity(capacity * config.kv_dim()); config.layers];
+        Self {
+            keys: per_layer(),
+            values: per_layer(),
+            len: 0,
+            capacity,
+            scratch: Scratch::new(config),
+        }
+    }
+
+    /// Tokens run so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token has run yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Buffers reused across tokens.
+#[derive(Debug)]
+struct Scratch {
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(c: &Config) -> Self {
+        Self {
+            normed: vec![0.0; c.hidden],
+            q: vec![0.0; c.hidden],
+            k: vec![0.0; c.kv_dim()],
+            v: vec![0.0; c.kv_dim()],
+            attn: vec![0.0; c.hidden],
+            proj: vec![0.0; c.hidden],
+            gate: vec![0.0; c.ffn],
+            up: vec![0.0; c.ffn],
+            scores: Vec::new(),
+        }
+    }
+}
+
+/// `out = x / rms(x) ⊙ weight`.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * scale * w;
+    }
+}
+
+/// Rotates each head's adjacent pairs (2i, 2i+1) by `pos · base^(−2i/head_dim)`.
+fn rope(x: &mut [f32], head_dim: usize, pos: usize, base: f32) {
+    for head in x.chunks_exact_mut(head_dim) {
+        for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+            let theta = pos as f32 * base.powf(-2.0 * i as f32 / head_dim as f32);
+            let (sin, cos) = theta.sin_cos();
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * cos - b * sin;
+            pair[1] = a * sin + b * cos;
+        }
+    }
+}
+
+/// Causal grouped attention of one query position over `len` cached positions.
+fn attention(
+    c: &Config,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    len: usize,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (hd, kv_dim) = (c.head_dim, c.kv_dim());
+    let group = c.heads / c.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    for h in 0..c.heads {
+        let kv = (h / group) * hd;
+        let qh = &q[h * hd..(h + 1) * hd];
+        scores.clear();
+        scores.extend((0..len).map(|t| {
+            let k = &keys[t * kv_dim + kv..t * kv_dim + kv + hd];
+            qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+        }));
+        softmax(scores);
+        let oh = &mut out[h * hd..(h + 1) * hd];
+        oh.fill(0.0);
+        for (t, &p) in scores.iter().enumerate() {
+            let v = &values[t * kv_dim + kv..t * kv_dim + kv + hd];
+            for (o, x) in oh.iter_mut().zip(v) {
+                *o += p * x;
+            }
+        }
+    }
+}
+
+fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        total += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= total;
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// The index of the largest logit (greedy decoding; the first of equals).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    u32::try_from(best).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,317 @@
+//! The decoder on a small random model written to GGUF, against a direct implementation of
+//! the same equations that recomputes everything for every position (no cache), on the
+//! dequantized weights.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use crate::gguf::Value;
+use crate::gguf::writer::GgufWriter;
+use crate::quant::{GgmlType, dequantize, quantize};
+
+const HIDDEN: usize = 64;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const FFN: usize = 96;
+const VOCAB: usize = 40;
+const LAYERS: usize = 2;
+
+/// A deterministic pseudo-random stream in [-1, 1].
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn take(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next() * scale).collect()
+    }
+}
+
+/// Writes the model (weights in `ty`, norms in F32) and keeps its dequantized weights.
+fn tiny(ty: GgmlType, tied: bool) -> (tempfile::TempDir, std::path::PathBuf, Dense) {
+    let mut noise = Noise(7);
+    let mut writer = GgufWriter::new();
+    writer
+        .metadata("general.architecture", Value::String("llama".into()))
+        .metadata("llama.block_count", Value::U32(LAYERS as u32))
+        .metadata("llama.embedding_length", Value::U32(HIDDEN as u32))
+        .metadata("llama.feed_forward_length", Value::U32(FFN as u32))
+        .metadata("llama.attention.head_count", Value::U32(HEADS as u32))
+        .metadata("llama.attention.head_count_kv", Value::U32(KV_HEADS as u32))
+        .metadata("llama.context_length", Value::U32(32))
+        .metadata("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5))
+        .metadata("llama.rope.freq_base", Value::F32(10_000.0));
+    let mut dense = Dense::default();
+    let mut put = |writer: &mut GgufWriter,
+                   name: &str,
+                   rows: usize,
+                   cols: usize,
+                   ty: GgmlType,
+                   scale: f32| {
+        let values = noise.take(rows * cols, scale);
+        let mut bytes = Vec::new();
+        quantize(ty, &values, &mut bytes).unwrap();
+        let mut back = Vec::new();
+        dequantize(ty, &bytes, &mut back).unwrap();
+        let dims: Vec<u64> = if rows == 1 {
+            vec![cols as u64]
+        } else {
+            vec![cols as u64, rows as u64]
+        };
+        writer.tensor(name, &dims, ty, bytes).unwrap();
+        back
+    };
+    dense.embedding = put(&mut writer, "token_embd.weight", VOCAB, HIDDEN, ty, 1.0);
+    for l in 0..LAYERS {
+        let p = format!("blk.{l}");
+        dense.layers.push(DenseLayer {
+            attn_norm: put(
+                &mut writer,
+                &format!("{p}.attn_norm.weight"),
+                1,
+                HIDDEN,
+                GgmlType::F32,
+                1.0,
+            ),
+            wq: put(
+                &mut writer,
+                &format!("{p}.attn_q.weight"),
+                HIDDEN,
+                HIDDEN,
+                ty,
+                0.3,
+            ),
+            wk: put(
+                &mut writer,
+                &format!("{p}.attn_k.weight"),
+                KV_HEADS * 16,
+                HIDDEN,
+                ty,
+                0.3,
+            ),
+            wv: put(
+                &mut writer,
+                &format!("{p}.attn_v.weight"),
+                KV_HEADS * 16,
+                HIDDEN,
+                ty,
+                0.3,
+            ),
+            wo: put(
+                &mut writer,
+                &format!("{p}.attn_output.weight"),
+                HIDDEN,
+                HIDDEN,
+                ty,
+                0.3,
+            ),
+            ffn_norm: put(
+                &mut writer,
+                &format!("{p}.ffn_norm.weight"),
+                1,
+                HIDDEN,
+                GgmlType::F32,
+                1.0,
+            ),
+            gate: put(
+                &mut writer,
+                &format!("{p}.ffn_gate.weight"),
+                FFN,
+                HIDDEN,
+                ty,
+                0.3,
+            ),
+            up: put(
+                &mut writer,
+                &format!("{p}.ffn_up.weight"),
+                FFN,
+                HIDDEN,
+                ty,
+                0.3,
+            ),
+            down: put(
+                &mut writer,
+                &format!("{p}.ffn_down.weight"),
+                HIDDEN,
+                FFN,
+                ty,
+                0.3,
+            ),
+        });
+    }
+    dense.output_norm = put(
+        &mut writer,
+        "output_norm.weight",
+        1,
+        HIDDEN,
+        GgmlType::F32,
+        1.0,
+    );
+    dense.output = if tied {
+        dense.embedding.clone()
+    } else {
+        put(&mut writer, "output.weight", VOCAB, HIDDEN, ty, 1.0)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    writer
+        .write_to(&mut std::fs::File::create(&path).unwrap())
+        .unwrap();
+    (dir, path, dense)
+}
+
+#[derive(Default)]
+struct DenseLayer {
+    attn_norm: Vec<f32>,
+    wq: Vec<f32>,
+    wk: Vec<f32>,
+    wv: Vec<f32>,
+    wo: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    down: Vec<f32>,
+}
+
+#[derive(Default)]
+struct Dense {
+    embedding: Vec<f32>,
+    layers: Vec<DenseLayer>,
+    output_norm: Vec<f32>,
+    output: Vec<f32>,
+}
+
+fn mv(w: &[f32], x: &[f32]) -> Vec<f32> {
+    w.chunks_exact(x.len())
+        .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
+        .collect()
+}
+
+fn norm(x: &[f32], w: &[f32]) -> Vec<f32> {
+    let rms = (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + 1e-5).sqrt();
+    x.iter().zip(w).map(|(v, w)| v / rms * w).collect()
+}
+
+fn rotate(x: &mut [f32], pos: usize) {
+    for head in x.chunks_exact_mut(16) {
+        for i in 0..8 {
+            let theta = pos as f64 / 10_000f64.powf(2.0 * i as f64 / 16.0);
+            let (s, c) = (theta.sin() as f32, theta.cos() as f32);
+            let (a, b) = (head[2 * i], head[2 * i + 1]);
+            head[2 * i] = a * c - b * s;
+            head[2 * i + 1] = a * s + b * c;
+        }
+    }
+}
+
+/// The logits after `tokens`, recomputing every position from scratch.
+fn reference(d: &Dense, tokens: &[u32]) -> Vec<f32> {
+    let mut xs: Vec<Vec<f32>> = tokens
+        .iter()
+        .map(|&t| d.embedding[t as usize * HIDDEN..(t as usize + 1) * HIDDEN].to_vec())
+        .collect();
+    for layer in &d.layers {
+        let n: Vec<Vec<f32>> = xs.iter().map(|x| norm(x, &layer.attn_norm)).collect();
+        let q: Vec<Vec<f32>> = n
+            .iter()
+            .enumerate()
+            .map(|(p, n)| {
+                let mut q = mv(&layer.wq, n);
+                rotate(&mut q, p);
+                q
+            })
+            .collect();
+        let k: Vec<Vec<f32>> = n
+            .iter()
+            .enumerate()
+            .map(|(p, n)| {
+                let mut k = mv(&layer.wk, n);
+                rotate(&mut k, p);
+                k
+            })
+            .collect();
+        let v: Vec<Vec<f32>> = n.iter().map(|n| mv(&layer.wv, n)).collect();
+        for p in 0..xs.len() {
+            let mut attn = vec![0.0; HIDDEN];
+            for h in 0..HEADS {
+                let g = h / (HEADS / KV_HEADS);
+                let scores: Vec<f32> = (0..=p)
+                    .map(|t| {
+                        (0..16)
+                            .map(|i| q[p][h * 16 + i] * k[t][g * 16 + i])
+                            .sum::<f32>()
+                            / 4.0
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f32 = e.iter().sum();
+                for t in 0..=p {
+                    for i in 0..16 {
+                        attn[h * 16 + i] += e[t] / total * v[t][g * 16 + i];
+                    }
+                }
+            }
+            let o = mv(&layer.wo, &attn);
+            xs[p].iter_mut().zip(o).for_each(|(x, o)| *x += o);
+            let n = norm(&xs[p], &layer.ffn_norm);
+            let a: Vec<f32> = mv(&layer.gate, &n)
+                .into_iter()
+                .zip(mv(&layer.up, &n))
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let down = mv(&layer.down, &a);
+            xs[p].iter_mut().zip(down).for_each(|(x, o)| *x += o);
+        }
+    }
+    mv(&d.output, &norm(xs.last().unwrap(), &d.output_norm))
+}
+
+#[test]
+fn cached_decoding_equals_recomputing_everything() {
+    for (ty, tied) in [
+        (GgmlType::F32, false),
+        (GgmlType::Q8_0, true),
+        (GgmlType::Q4_1, false),
+        (GgmlType::Q4_0, true),
+    ] {
+        let (_dir, path, dense) = tiny(ty, tied);
+        let gguf = Gguf::open(&path).unwrap();
+        let model = Model::load(&gguf).unwrap();
+        assert_eq!(model.config().head_dim, 16);
+        assert_eq!(model.config().vocab, VOCAB);
+        let tokens = [3u32, 17, 17, 0, 39, 8];
+        let mut cache = KvCache::new(model.config(), 16);
+        for (i, &t) in tokens.iter().enumerate() {
+            let logits = model.forward(t, &mut cache).unwrap();
+            let expected = reference(&dense, &tokens[..=i]);
+            let worst = logits
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst < 1e-3,
+                "{ty} (tied {tied}) position {i}: worst {worst}"
+            );
+        }
+        assert_eq!(cache.len(), tokens.len());
+    }
+}
+
+#[test]
+fn bad_tokens_and_full_caches_are_errors() {
+    let (_dir, path, _) = tiny(GgmlType::Q8_0, true);
+    let model = Model::load(&Gguf::open(&path).unwrap()).unwrap();
+    let mut cache = KvCache::new(model.config(), 1);
+    assert!(model.forward(VOCAB as u32, &mut cache).is_err());
+    model.forward(1, &mut cache).unwrap();
+    let err = model.forward(1, &mut cache).unwrap_err().to_string();
+    assert!(err.contains("full"), "{err}");
+}

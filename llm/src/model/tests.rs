@@ -296,8 +296,13 @@ fn cached_decoding_equals_recomputing_everything() {
                 .zip(&expected)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
+            // F32 weights are multiplied by f32 activations: only rounding differs. The
+            // block types multiply by 8-bit activations (a step of 1/254 of each block's
+            // largest value), which moves these logits (of magnitude ~5) by up to ~0.1; a
+            // logic error (a wrong rotation, a stale cache row) moves them by ~1.
+            let tolerance = if ty == GgmlType::F32 { 1e-3 } else { 0.25 };
             assert!(
-                worst < 1e-3,
+                worst < tolerance,
                 "{ty} (tied {tied}) position {i}: worst {worst}"
             );
         }
@@ -346,16 +351,22 @@ fn smollm2_agrees_with_llama_cpp() {
         for &t in &prompt_ids {
             logits = model.forward(t, &mut cache).unwrap();
         }
-        for pair in case["top"].as_array().unwrap() {
+        // Compared as gaps below the top logit: a shift of every logit by the same amount
+        // changes no probability.
+        let top = case["top"].as_array().unwrap();
+        let best = top[0][0].as_u64().unwrap() as usize;
+        let their_best = top[0][1].as_f64().unwrap() as f32;
+        for pair in top {
             let (i, theirs) = (
                 pair[0].as_u64().unwrap() as usize,
-                pair[1].as_f64().unwrap(),
+                pair[1].as_f64().unwrap() as f32,
             );
-            worst = worst.max((logits[i] - theirs as f32).abs());
+            let gap = (logits[best] - logits[i]) - (their_best - theirs);
+            worst = worst.max(gap.abs());
         }
         // Greedy decoding follows llama.cpp token for token, except where llama.cpp's own
-        // choice was a near tie (a margin under twice the tolerance): there either token is
-        // right, and the sequences part.
+        // choice was a near tie (a margin under NEAR_TIE): there either token is right, and
+        // the sequences part.
         let margins: Vec<f64> = case["margins"]
             .as_array()
             .unwrap()
@@ -366,7 +377,7 @@ fn smollm2_agrees_with_llama_cpp() {
             let next = argmax(&logits);
             if next != theirs {
                 assert!(
-                    margin < f64::from(2.0 * LLAMA_CPP_LOGIT_TOLERANCE),
+                    margin < NEAR_TIE,
                     "{prompt:?} step {step}: {next} where llama.cpp chose {theirs} by a \
                      margin of {margin}"
                 );
@@ -380,16 +391,26 @@ fn smollm2_agrees_with_llama_cpp() {
     // keeps activations in f32. The difference stays within this bound on the top logits.
     assert!(
         worst < LLAMA_CPP_LOGIT_TOLERANCE,
-        "worst top-logit difference {worst}"
+        "worst top-logit gap difference {worst}"
     );
-    // Most of the 5 × 24 greedy tokens agree (near ties are rare).
+    // A floor, so that the comparison is not vacuous: where the parting near ties fall
+    // depends on rounding (71 to 99 of the 5 × 24 agreed across kernel variants measured).
     assert!(
-        agreed >= 80,
+        agreed >= 60,
         "only {agreed} greedy tokens agreed with llama.cpp"
     );
-    eprintln!("worst top-logit difference from llama.cpp: {worst}; {agreed} greedy tokens agreed");
+    eprintln!(
+        "worst top-logit gap difference from llama.cpp: {worst}; {agreed} greedy tokens agreed"
+    );
 }
 
-/// Largest difference allowed between this crate's logits and llama.cpp's on the ten most
-/// likely tokens after each prompt (logits of 10 to 35 here; 0.32 measured).
-const LLAMA_CPP_LOGIT_TOLERANCE: f32 = 0.5;
+/// Largest difference allowed between this crate's and llama.cpp's gaps from the top logit
+/// to each of the ten most likely tokens after each prompt (logits of 10 to 35 here). Both
+/// multiply by 8-bit activations, but llama.cpp keeps its KV cache in f16 and sums in
+/// another order: 0.53 measured. A wrong rotation or a stale cache row moves logits by
+/// several units.
+const LLAMA_CPP_LOGIT_TOLERANCE: f32 = 0.75;
+
+/// A greedy step of llama.cpp decided by less than this margin may go the other way here
+/// (every parting measured was at a margin under 0.35).
+const NEAR_TIE: f64 = 1.0;

@@ -14,8 +14,11 @@
 //!   UTF-8 character.
 //!
 //! - [`chat`] renders a conversation with the Jinja chat template the file carries.
+//! - [`matmul`] multiplies quantized weights by activation vectors; [`model`] is the llama
+//!   decoder, its KV cache kept apart.
+//! - [`shard`] plans which heads and FFN slice each node of a cluster computes.
 //!
-//! The model, sharding, the all-reduce, the weight window and the
+//! Moving shards to workers, the all-reduce, the weight window and the
 //! OpenAI-compatible API are built on these (issue 6); this crate knows nothing of the
 //! vision path, and shares only `proto` with the rest of the workspace.
 //!
@@ -34,6 +37,7 @@ pub mod gguf;
 pub mod matmul;
 pub mod model;
 pub mod quant;
+pub mod shard;
 pub mod tokenizer;
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cleave_llm::chat::{ChatTemplate, Message};
 use cleave_llm::gguf::{Gguf, Value};
-use cleave_llm::model::{KvCache, Model, argmax};
+use cleave_llm::model::{Model, argmax};
 use cleave_llm::tokenizer::{Tokenizer, Utf8Stream};
 
 /// Tensor-parallel LLM inference across edge nodes, from GGUF files.
@@ -188,7 +188,7 @@ fn generate(args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
     prompt.extend(tokenizer.encode(&text, parse_special));
     anyhow::ensure!(!prompt.is_empty(), "the prompt is empty");
-    let mut cache = KvCache::new(model.config(), prompt.len() + args.max_tokens);
+    let mut cache = model.new_cache(prompt.len() + args.max_tokens);
     let started = Instant::now();
     let mut logits = Vec::new();
     for &token in &prompt {

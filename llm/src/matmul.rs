@@ -124,6 +124,98 @@ impl QMatrix {
         }
     }
 
+    /// The rows `rows` (a node's output slice: its heads of Wq, its FFN rows of Wup).
+    ///
+    /// # Panics
+    ///
+    /// If the range is outside the matrix.
+    pub fn select_rows(&self, rows: std::ops::Range<usize>) -> Self {
+        assert!(rows.end <= self.rows, "rows {rows:?} of {}", self.rows);
+        let weights = match &self.weights {
+            Weights::Dense(values) => {
+                Weights::Dense(values[rows.start * self.cols..rows.end * self.cols].to_vec())
+            }
+            Weights::Blocks {
+                scales,
+                mins,
+                quants,
+            } => {
+                let per_row = self.cols / BLOCK;
+                let blocks = rows.start * per_row..rows.end * per_row;
+                let qb = quant_bytes(self.ty);
+                Weights::Blocks {
+                    scales: scales[blocks.clone()].to_vec(),
+                    mins: mins
+                        .get(blocks.clone())
+                        .map_or_else(Vec::new, <[f32]>::to_vec),
+                    quants: quants[blocks.start * qb..blocks.end * qb].to_vec(),
+                }
+            }
+        };
+        Self {
+            rows: rows.len(),
+            weights,
+            ..*self
+        }
+    }
+
+    /// The columns `cols` of every row (a node's input slice: its heads of Wo, its FFN
+    /// columns of Wdown); for block types the range must be whole blocks.
+    ///
+    /// # Panics
+    ///
+    /// If the range is outside the matrix or, for a block type, not whole blocks.
+    pub fn select_cols(&self, cols: std::ops::Range<usize>) -> Self {
+        assert!(cols.end <= self.cols, "columns {cols:?} of {}", self.cols);
+        let weights = match &self.weights {
+            Weights::Dense(values) => Weights::Dense(
+                values
+                    .chunks_exact(self.cols)
+                    .flat_map(|row| &row[cols.clone()])
+                    .copied()
+                    .collect(),
+            ),
+            Weights::Blocks {
+                scales,
+                mins,
+                quants,
+            } => {
+                assert!(
+                    cols.start.is_multiple_of(BLOCK) && cols.end.is_multiple_of(BLOCK),
+                    "columns {cols:?} are not whole blocks"
+                );
+                let per_row = self.cols / BLOCK;
+                let (first, last) = (cols.start / BLOCK, cols.end / BLOCK);
+                let qb = quant_bytes(self.ty);
+                let pick = |values: &[f32]| -> Vec<f32> {
+                    values
+                        .chunks_exact(per_row)
+                        .flat_map(|row| &row[first..last])
+                        .copied()
+                        .collect()
+                };
+                Weights::Blocks {
+                    scales: pick(scales),
+                    mins: if mins.is_empty() {
+                        Vec::new()
+                    } else {
+                        pick(mins)
+                    },
+                    quants: quants
+                        .chunks_exact(per_row * qb)
+                        .flat_map(|row| &row[first * qb..last * qb])
+                        .copied()
+                        .collect(),
+                }
+            }
+        };
+        Self {
+            cols: cols.len(),
+            weights,
+            ..*self
+        }
+    }
+
     /// Row `r` as f32 values in `out` (an embedding lookup).
     ///
     /// # Panics
@@ -394,6 +486,39 @@ mod tests {
             let mut row = Vec::new();
             matrix.row_into(3, &mut row);
             assert_eq!(row, dense[3 * cols..4 * cols]);
+        }
+    }
+
+    #[test]
+    fn row_and_column_slices_are_the_dense_slices() {
+        let (rows, cols) = (5, 128);
+        let weights: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 13) % 31) as f32 / 15.0 - 1.0)
+            .collect();
+        for ty in GgmlType::ALL {
+            let mut bytes = Vec::new();
+            quantize(ty, &weights, &mut bytes).unwrap();
+            let matrix = QMatrix::new(ty, rows, cols, bytes).unwrap();
+            let dense = |m: &QMatrix| -> Vec<f32> {
+                let mut all = Vec::new();
+                let mut row = Vec::new();
+                for r in 0..m.rows() {
+                    m.row_into(r, &mut row);
+                    all.extend_from_slice(&row);
+                }
+                all
+            };
+            let full = dense(&matrix);
+            let rows_1_4 = matrix.select_rows(1..4);
+            assert_eq!((rows_1_4.rows(), rows_1_4.cols()), (3, cols));
+            assert_eq!(dense(&rows_1_4), full[cols..4 * cols]);
+            let cols_32_96 = matrix.select_cols(32..96);
+            assert_eq!((cols_32_96.rows(), cols_32_96.cols()), (rows, 64));
+            let expected: Vec<f32> = full
+                .chunks_exact(cols)
+                .flat_map(|r| r[32..96].to_vec())
+                .collect();
+            assert_eq!(dense(&cols_32_96), expected, "{ty}");
         }
     }
 

@@ -17,6 +17,7 @@
 
 use crate::gguf::{Gguf, GgufError};
 use crate::matmul::{QMatrix, ShapeMismatch};
+use crate::shard::NodeShard;
 
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,9 @@ pub enum ModelError {
     /// An architecture or shape this crate does not run.
     #[error("{0}")]
     Unsupported(String),
+    /// The all-reduce between nodes failed (a peer gone, a timeout).
+    #[error("all-reduce: {0}")]
+    Collective(String),
     /// A tensor's shape contradicts the hyperparameters.
     #[error("tensor `{name}`: {reason}")]
     Shape {
@@ -148,10 +152,12 @@ struct Layer {
     down: QMatrix,
 }
 
-/// A loaded model.
+/// A loaded model, or one node's shard of it: its heads and FFN slice of every layer.
 #[derive(Debug)]
 pub struct Model {
     config: Config,
+    /// What this model computes of each layer (everything, unless it is a shard).
+    shard: NodeShard,
     embedding: QMatrix,
     layers: Vec<Layer>,
     output_norm: Vec<f32>,
@@ -191,6 +197,11 @@ impl Model {
             Err(e) => return Err(e.into()),
         };
         Ok(Self {
+            shard: NodeShard {
+                heads: 0..c.heads,
+                kv_heads: 0..c.kv_heads,
+                ffn: 0..c.ffn,
+            },
             embedding: matrix("token_embd.weight", c.vocab, c.hidden)?,
             output_norm: vector("output_norm.weight", c.hidden)?,
             output,
@@ -219,20 +230,98 @@ impl Model {
             + self.layers.iter().map(layer).sum::<usize>()
     }
 
-    /// Runs `token` at the next position of `cache`; returns the logits of the token after.
+    /// What this model computes of each layer.
+    pub fn shard(&self) -> &NodeShard {
+        &self.shard
+    }
+
+    /// The part of this model that `shard` computes: its rows of Wq, Wk, Wv, Wgate and
+    /// Wup and its columns of Wo and Wdown, with the norms (every node applies them to the
+    /// replicated residual stream). The embedding and output head come along for now; a
+    /// worker on its own will not need them.
+    ///
+    /// # Panics
+    ///
+    /// If `shard` is not within this model (a plan made for another model).
+    pub fn select(&self, shard: &NodeShard) -> Self {
+        let hd = self.config.head_dim;
+        let q = shard.heads.start * hd..shard.heads.end * hd;
+        let kv = shard.kv_heads.start * hd..shard.kv_heads.end * hd;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| Layer {
+                attn_norm: l.attn_norm.clone(),
+                wq: l.wq.select_rows(q.clone()),
+                wk: l.wk.select_rows(kv.clone()),
+                wv: l.wv.select_rows(kv.clone()),
+                wo: l.wo.select_cols(q.clone()),
+                ffn_norm: l.ffn_norm.clone(),
+                gate: l.gate.select_rows(shard.ffn.clone()),
+                up: l.up.select_rows(shard.ffn.clone()),
+                down: l.down.select_cols(shard.ffn.clone()),
+            })
+            .collect();
+        Self {
+            config: self.config.clone(),
+            shard: shard.clone(),
+            embedding: self.embedding.clone(),
+            layers,
+            output_norm: self.output_norm.clone(),
+            output: self.output.clone(),
+        }
+    }
+
+    /// An empty cache for this model (or shard) of up to `capacity` tokens.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(self, capacity)
+    }
+
+    /// Runs `token` at the next position of `cache` on this node alone; returns the logits
+    /// of the token after.
     ///
     /// # Errors
     ///
     /// [`ModelError::Unsupported`] for a token outside the vocabulary or a full cache.
     pub fn forward(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
-        let c = &self.config;
+        let mut x = self.embed(token)?;
+        self.layers_forward(&mut x, cache, &mut |_| Ok(()))?;
+        Ok(self.logits(&x))
+    }
+
+    /// The embedding of `token`: the residual stream a step starts from.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::Unsupported`] for a token outside the vocabulary.
+    pub fn embed(&self, token: u32) -> Result<Vec<f32>, ModelError> {
         let token = token as usize;
-        if token >= c.vocab {
+        if token >= self.config.vocab {
             return Err(ModelError::Unsupported(format!(
                 "token {token} is outside the vocabulary of {}",
-                c.vocab
+                self.config.vocab
             )));
         }
+        let mut x = Vec::with_capacity(self.config.hidden);
+        self.embedding.row_into(token, &mut x);
+        Ok(x)
+    }
+
+    /// Every layer on the residual stream `x` at the next position of `cache`. After this
+    /// node's part of the attention and again after its part of the FFN, `all_reduce` must
+    /// replace the partial output it is given by the sum of every node's (a single node
+    /// passes it through): two all-reduces per layer.
+    ///
+    /// # Errors
+    ///
+    /// A full cache; whatever `all_reduce` returns.
+    pub fn layers_forward(
+        &self,
+        x: &mut [f32],
+        cache: &mut KvCache,
+        all_reduce: &mut dyn FnMut(&mut [f32]) -> Result<(), ModelError>,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
         let pos = cache.len;
         if pos >= cache.capacity {
             return Err(ModelError::Unsupported(format!(
@@ -240,11 +329,9 @@ impl Model {
                 cache.capacity
             )));
         }
-        let mut x = Vec::with_capacity(c.hidden);
-        self.embedding.row_into(token, &mut x);
         let s = &mut cache.scratch;
         for (l, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, &layer.attn_norm, c.norm_eps, &mut s.normed);
+            rms_norm(x, &layer.attn_norm, c.norm_eps, &mut s.normed);
             layer.wq.matvec(&s.normed, &mut s.q);
             layer.wk.matvec(&s.normed, &mut s.k);
             layer.wv.matvec(&s.normed, &mut s.v);
@@ -253,26 +340,44 @@ impl Model {
             let (keys, values) = (&mut cache.keys[l], &mut cache.values[l]);
             keys.extend_from_slice(&s.k);
             values.extend_from_slice(&s.v);
-            attention(c, &s.q, keys, values, pos + 1, &mut s.scores, &mut s.attn);
+            attention(
+                c,
+                &self.shard,
+                &s.q,
+                keys,
+                values,
+                pos + 1,
+                &mut s.scores,
+                &mut s.attn,
+            );
             layer.wo.matvec(&s.attn, &mut s.proj);
-            add(&mut x, &s.proj);
-            rms_norm(&x, &layer.ffn_norm, c.norm_eps, &mut s.normed);
+            all_reduce(&mut s.proj)?;
+            add(x, &s.proj);
+            rms_norm(x, &layer.ffn_norm, c.norm_eps, &mut s.normed);
             layer.gate.matvec(&s.normed, &mut s.gate);
             layer.up.matvec(&s.normed, &mut s.up);
             for (g, u) in s.gate.iter_mut().zip(&s.up) {
                 *g = silu(*g) * u;
             }
             layer.down.matvec(&s.gate, &mut s.proj);
-            add(&mut x, &s.proj);
+            all_reduce(&mut s.proj)?;
+            add(x, &s.proj);
         }
         cache.len += 1;
-        rms_norm(&x, &self.output_norm, c.norm_eps, &mut s.normed);
-        let mut logits = vec![0.0; c.vocab];
+        Ok(())
+    }
+
+    /// The logits of the token after the residual stream `x` (the final norm and the
+    /// output head).
+    pub fn logits(&self, x: &[f32]) -> Vec<f32> {
+        let mut normed = vec![0.0; self.config.hidden];
+        rms_norm(x, &self.output_norm, self.config.norm_eps, &mut normed);
+        let mut logits = vec![0.0; self.config.vocab];
         self.output
             .as_ref()
             .unwrap_or(&self.embedding)
-            .matvec(&s.normed, &mut logits);
-        Ok(logits)
+            .matvec(&normed, &mut logits);
+        logits
     }
 }
 
@@ -315,16 +420,19 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for up to `capacity` tokens (at most the model's context).
-    pub fn new(config: &Config, capacity: usize) -> Self {
-        let capacity = capacity.min(config.context);
-        let per_layer = || vec![Vec::with_capacity(capacity * config.kv_dim()); config.layers];
+    /// An empty cache for `model` (or a shard: its KV heads only) of up to `capacity`
+    /// tokens (at most the model's context).
+    pub fn new(model: &Model, capacity: usize) -> Self {
+        let c = &model.config;
+        let capacity = capacity.min(c.context);
+        let kv_dim = model.shard.kv_heads.len() * c.head_dim;
+        let per_layer = || vec![Vec::with_capacity(capacity * kv_dim); c.layers];
         Self {
             keys: per_layer(),
             values: per_layer(),
             len: 0,
             capacity,
-            scratch: Scratch::new(config),
+            scratch: Scratch::new(c, &model.shard),
         }
     }
 
@@ -354,16 +462,18 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(c: &Config) -> Self {
+    fn new(c: &Config, shard: &NodeShard) -> Self {
+        let q = shard.heads.len() * c.head_dim;
+        let kv = shard.kv_heads.len() * c.head_dim;
         Self {
             normed: vec![0.0; c.hidden],
-            q: vec![0.0; c.hidden],
-            k: vec![0.0; c.kv_dim()],
-            v: vec![0.0; c.kv_dim()],
-            attn: vec![0.0; c.hidden],
+            q: vec![0.0; q],
+            k: vec![0.0; kv],
+            v: vec![0.0; kv],
+            attn: vec![0.0; q],
             proj: vec![0.0; c.hidden],
-            gate: vec![0.0; c.ffn],
-            up: vec![0.0; c.ffn],
+            gate: vec![0.0; shard.ffn.len()],
+            up: vec![0.0; shard.ffn.len()],
             scores: Vec::new(),
         }
     }
@@ -391,9 +501,12 @@ fn rope(x: &mut [f32], head_dim: usize, pos: usize, base: f32) {
     }
 }
 
-/// Causal grouped attention of one query position over `len` cached positions.
+/// Causal grouped attention of one query position over `len` cached positions, for the
+/// query heads of `shard` (`q` and `out` hold those; the cache holds its KV heads).
+#[allow(clippy::too_many_arguments)]
 fn attention(
     c: &Config,
+    shard: &NodeShard,
     q: &[f32],
     keys: &[f32],
     values: &[f32],
@@ -401,11 +514,12 @@ fn attention(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let (hd, kv_dim) = (c.head_dim, c.kv_dim());
+    let hd = c.head_dim;
+    let kv_dim = shard.kv_heads.len() * hd;
     let group = c.heads / c.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    for h in 0..c.heads {
-        let kv = (h / group) * hd;
+    for h in 0..shard.heads.len() {
+        let kv = ((shard.heads.start + h) / group - shard.kv_heads.start) * hd;
         let qh = &q[h * hd..(h + 1) * hd];
         scores.clear();
         scores.extend((0..len).map(|t| {

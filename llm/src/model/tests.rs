@@ -287,7 +287,7 @@ fn cached_decoding_equals_recomputing_everything() {
         assert_eq!(model.config().head_dim, 16);
         assert_eq!(model.config().vocab, VOCAB);
         let tokens = [3u32, 17, 17, 0, 39, 8];
-        let mut cache = KvCache::new(model.config(), 16);
+        let mut cache = model.new_cache(16);
         for (i, &t) in tokens.iter().enumerate() {
             let logits = model.forward(t, &mut cache).unwrap();
             let expected = reference(&dense, &tokens[..=i]);
@@ -314,7 +314,7 @@ fn cached_decoding_equals_recomputing_everything() {
 fn bad_tokens_and_full_caches_are_errors() {
     let (_dir, path, _) = tiny(GgmlType::Q8_0, true);
     let model = Model::load(&Gguf::open(&path).unwrap()).unwrap();
-    let mut cache = KvCache::new(model.config(), 1);
+    let mut cache = model.new_cache(1);
     assert!(model.forward(VOCAB as u32, &mut cache).is_err());
     model.forward(1, &mut cache).unwrap();
     let err = model.forward(1, &mut cache).unwrap_err().to_string();
@@ -346,7 +346,7 @@ fn smollm2_agrees_with_llama_cpp() {
         let prompt_ids = tokenizer.encode(prompt, true);
         assert_eq!(prompt_ids, ids(&case["prompt_ids"]), "{prompt:?}");
         let greedy = ids(&case["greedy"]);
-        let mut cache = KvCache::new(model.config(), prompt_ids.len() + greedy.len());
+        let mut cache = model.new_cache(prompt_ids.len() + greedy.len());
         let mut logits = Vec::new();
         for &t in &prompt_ids {
             logits = model.forward(t, &mut cache).unwrap();
@@ -414,3 +414,161 @@ const LLAMA_CPP_LOGIT_TOLERANCE: f32 = 0.75;
 /// A greedy step of llama.cpp decided by less than this margin may go the other way here
 /// (every parting measured was at a margin under 0.35).
 const NEAR_TIE: f64 = 1.0;
+
+/// An all-reduce between threads of one process: every node's partial vector is replaced
+/// by the sum of all of them.
+struct ThreadAllReduce {
+    barrier: std::sync::Barrier,
+    sum: std::sync::Mutex<Vec<f32>>,
+}
+
+impl ThreadAllReduce {
+    fn new(nodes: usize) -> Self {
+        Self {
+            barrier: std::sync::Barrier::new(nodes),
+            sum: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn reduce(&self, part: &mut [f32]) {
+        // Everyone has copied the last sum out before the leader clears it.
+        if self.barrier.wait().is_leader() {
+            let mut sum = self.sum.lock().unwrap();
+            sum.clear();
+            sum.resize(part.len(), 0.0);
+        }
+        self.barrier.wait();
+        {
+            let mut sum = self.sum.lock().unwrap();
+            sum.iter_mut().zip(part.iter()).for_each(|(s, p)| *s += p);
+        }
+        self.barrier.wait();
+        part.copy_from_slice(&self.sum.lock().unwrap());
+    }
+}
+
+/// Greedy decoding with `model` split by `plan` over threads; node 0 embeds and samples, as
+/// the master will. Returns the tokens and the logits of each step.
+fn generate_tensor_parallel(
+    model: &Model,
+    plan: &crate::shard::ShardPlan,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let shards: Vec<Model> = plan.nodes.iter().map(|s| model.select(s)).collect();
+    let reduce = ThreadAllReduce::new(shards.len());
+    // The master's choice of each next token, seen by the workers through this slot.
+    let next = std::sync::Mutex::new(Vec::<u32>::new());
+    let go = std::sync::Barrier::new(shards.len());
+    let mut out = (Vec::new(), Vec::new());
+    std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for (rank, shard) in shards.iter().enumerate() {
+            let (reduce, next, go) = (&reduce, &next, &go);
+            handles.push(scope.spawn(move || {
+                let mut cache = shard.new_cache(prompt.len() + steps);
+                let (mut tokens, mut all_logits) = (Vec::new(), Vec::new());
+                let mut feed: Vec<u32> = prompt.to_vec();
+                for step in 0..=steps {
+                    let mut logits = Vec::new();
+                    for &t in &feed {
+                        let mut x = shard.embed(t).unwrap();
+                        shard
+                            .layers_forward(&mut x, &mut cache, &mut |p| {
+                                reduce.reduce(p);
+                                Ok(())
+                            })
+                            .unwrap();
+                        if rank == 0 {
+                            logits = shard.logits(&x);
+                        }
+                    }
+                    if step == steps {
+                        break;
+                    }
+                    if rank == 0 {
+                        let chosen = argmax(&logits);
+                        tokens.push(chosen);
+                        all_logits.push(logits);
+                        *next.lock().unwrap() = vec![chosen];
+                    }
+                    go.wait();
+                    feed = next.lock().unwrap().clone();
+                    go.wait();
+                }
+                (tokens, all_logits)
+            }));
+        }
+        for (rank, handle) in handles.into_iter().enumerate() {
+            let result = handle.join().unwrap();
+            if rank == 0 {
+                out = result;
+            }
+        }
+    });
+    out
+}
+
+#[test]
+fn tensor_parallel_decoding_equals_one_node_on_the_tiny_model() {
+    let (_dir, path, _) = tiny(GgmlType::F32, false);
+    let model = Model::load(&Gguf::open(&path).unwrap()).unwrap();
+    let prompt = [3u32, 17, 5];
+    let mut cache = model.new_cache(16);
+    let mut single = Vec::new();
+    let mut logits = Vec::new();
+    for &t in &prompt {
+        logits = model.forward(t, &mut cache).unwrap();
+    }
+    for _ in 0..6 {
+        let next = argmax(&logits);
+        single.push((next, logits.clone()));
+        logits = model.forward(next, &mut cache).unwrap();
+    }
+    // Up to 3 nodes (3 FFN blocks); uneven capabilities too.
+    for capabilities in [
+        vec![1.0],
+        vec![1.0, 1.0],
+        vec![1.0, 2.0, 1.0],
+        vec![3.0, 1.0],
+    ] {
+        let plan = crate::shard::ShardPlan::new(model.config(), &capabilities).unwrap();
+        let (tokens, all_logits) = generate_tensor_parallel(&model, &plan, &prompt, 6);
+        let expected: Vec<u32> = single.iter().map(|(t, _)| *t).collect();
+        assert_eq!(tokens, expected, "{capabilities:?}");
+        for ((_, one), many) in single.iter().zip(&all_logits) {
+            let worst = one
+                .iter()
+                .zip(many)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-4, "{capabilities:?}: logits differ by {worst}");
+        }
+    }
+}
+
+/// SmolLM2 over 1 to 4 nodes (threads) gives the single node's greedy tokens.
+#[test]
+fn tensor_parallel_smollm2_gives_the_single_node_tokens() {
+    let Some(path) = crate::test_model::smollm2() else {
+        return;
+    };
+    let gguf = Gguf::open(&path).unwrap();
+    let tokenizer = crate::tokenizer::Tokenizer::from_gguf(&gguf).unwrap();
+    let model = Model::load(&gguf).unwrap();
+    let prompt = tokenizer.encode("The three primary colours are", false);
+    let steps = 12;
+    let single = crate::shard::ShardPlan::new(model.config(), &[1.0]).unwrap();
+    let (expected, _) = generate_tensor_parallel(&model, &single, &prompt, steps);
+    for nodes in 2..=4 {
+        let plan = crate::shard::ShardPlan::new(model.config(), &vec![1.0; nodes]).unwrap();
+        let (tokens, _) = generate_tensor_parallel(&model, &plan, &prompt, steps);
+        assert_eq!(
+            tokens,
+            expected,
+            "{nodes} nodes: {:?} vs {:?}",
+            tokenizer.decode(&tokens, false),
+            tokenizer.decode(&expected, false)
+        );
+    }
+}

@@ -16,9 +16,11 @@
 //! - [`chat`] renders a conversation with the Jinja chat template the file carries.
 //! - [`matmul`] multiplies quantized weights by activation vectors; [`model`] is the llama
 //!   decoder, its KV cache kept apart.
-//! - [`shard`] plans which heads and FFN slice each node of a cluster computes.
+//! - [`shard`] plans which heads and FFN slice each node of a cluster computes;
+//!   [`wire`] is the frame format between nodes and [`collective`] the star all-reduce
+//!   over TCP.
 //!
-//! Moving shards to workers, the all-reduce, the weight window and the
+//! Moving shards to workers, the alternative all-reduce, the weight window and the
 //! OpenAI-compatible API are built on these (issue 6); this crate knows nothing of the
 //! vision path, and shares only `proto` with the rest of the workspace.
 //!
@@ -33,12 +35,14 @@
 //! ```
 
 pub mod chat;
+pub mod collective;
 pub mod gguf;
 pub mod matmul;
 pub mod model;
 pub mod quant;
 pub mod shard;
 pub mod tokenizer;
+pub mod wire;
 
 #[cfg(test)]
 mod test_model;

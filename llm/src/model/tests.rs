@@ -415,40 +415,24 @@ const LLAMA_CPP_LOGIT_TOLERANCE: f32 = 0.75;
 /// (every parting measured was at a margin under 0.35).
 const NEAR_TIE: f64 = 1.0;
 
-/// An all-reduce between threads of one process: every node's partial vector is replaced
-/// by the sum of all of them.
-struct ThreadAllReduce {
-    barrier: std::sync::Barrier,
-    sum: std::sync::Mutex<Vec<f32>>,
+/// A node's all-reduce.
+type Reduce = Box<dyn FnMut(&mut [f32]) -> Result<(), ModelError> + Send>;
+
+/// One all-reduce per node of a star over loopback TCP, the master's first.
+fn star_reducers(nodes: usize, encoding: crate::wire::Encoding) -> Vec<Reduce> {
+    let (mut master, workers) = crate::collective::loopback_star(nodes - 1, encoding);
+    let collective = |e: crate::collective::CollectiveError| ModelError::Collective(e.to_string());
+    let mut reducers: Vec<Reduce> =
+        vec![Box::new(move |p| master.all_reduce(p).map_err(collective))];
+    for mut worker in workers {
+        reducers.push(Box::new(move |p| worker.all_reduce(p).map_err(collective)));
+    }
+    reducers
 }
 
-impl ThreadAllReduce {
-    fn new(nodes: usize) -> Self {
-        Self {
-            barrier: std::sync::Barrier::new(nodes),
-            sum: std::sync::Mutex::new(Vec::new()),
-        }
-    }
-
-    fn reduce(&self, part: &mut [f32]) {
-        // Everyone has copied the last sum out before the leader clears it.
-        if self.barrier.wait().is_leader() {
-            let mut sum = self.sum.lock().unwrap();
-            sum.clear();
-            sum.resize(part.len(), 0.0);
-        }
-        self.barrier.wait();
-        {
-            let mut sum = self.sum.lock().unwrap();
-            sum.iter_mut().zip(part.iter()).for_each(|(s, p)| *s += p);
-        }
-        self.barrier.wait();
-        part.copy_from_slice(&self.sum.lock().unwrap());
-    }
-}
-
-/// Greedy decoding with `model` split by `plan` over threads; node 0 embeds and samples, as
-/// the master will. Returns the tokens and the logits of each step.
+/// Greedy decoding with `model` split by `plan`, one thread per node, all-reducing over
+/// loopback TCP; node 0 embeds and samples, as the master will. Returns the tokens and the
+/// logits of each step.
 fn generate_tensor_parallel(
     model: &Model,
     plan: &crate::shard::ShardPlan,
@@ -456,15 +440,15 @@ fn generate_tensor_parallel(
     steps: usize,
 ) -> (Vec<u32>, Vec<Vec<f32>>) {
     let shards: Vec<Model> = plan.nodes.iter().map(|s| model.select(s)).collect();
-    let reduce = ThreadAllReduce::new(shards.len());
+    let reducers = star_reducers(shards.len(), crate::wire::Encoding::F32);
     // The master's choice of each next token, seen by the workers through this slot.
     let next = std::sync::Mutex::new(Vec::<u32>::new());
     let go = std::sync::Barrier::new(shards.len());
     let mut out = (Vec::new(), Vec::new());
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
-        for (rank, shard) in shards.iter().enumerate() {
-            let (reduce, next, go) = (&reduce, &next, &go);
+        for ((rank, shard), mut reduce) in shards.iter().enumerate().zip(reducers) {
+            let (next, go) = (&next, &go);
             handles.push(scope.spawn(move || {
                 let mut cache = shard.new_cache(prompt.len() + steps);
                 let (mut tokens, mut all_logits) = (Vec::new(), Vec::new());
@@ -474,10 +458,7 @@ fn generate_tensor_parallel(
                     for &t in &feed {
                         let mut x = shard.embed(t).unwrap();
                         shard
-                            .layers_forward(&mut x, &mut cache, &mut |p| {
-                                reduce.reduce(p);
-                                Ok(())
-                            })
+                            .layers_forward(&mut x, &mut cache, &mut reduce)
                             .unwrap();
                         if rank == 0 {
                             logits = shard.logits(&x);

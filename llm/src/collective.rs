@@ -1,0 +1,327 @@
+//! The all-reduce between nodes over TCP: star, as in TPI-LLM.
+//!
+//! Every worker sends its partial vector to the master; the master adds them to its own and
+//! sends the sum back to every worker. Two link latencies per all-reduce whatever the
+//! number of nodes, which is what matters on a slow edge network (TPI-LLM §3: a star costs
+//! 2τ where a ring costs 2(N−1)τ). With the Q8_0 encoding the master keeps, for itself, the
+//! sum as the workers receive it (quantized, then decoded), so every node's residual stream
+//! stays the same bit for bit.
+//!
+//! Every read and write has a timeout; a peer that is gone or silent is an error naming it,
+//! which the caller turns into an answer (and, later, a re-formed cluster).
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use crate::wire::{DEFAULT_MAX_FRAME, Encoding, Frame, Vector, WireError, read_frame, write_frame};
+
+/// Why an all-reduce failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CollectiveError {
+    /// A peer's connection failed, timed out, or sent a bad frame.
+    #[error("node {rank} ({peer}): {source}")]
+    Peer {
+        /// The peer's rank.
+        rank: usize,
+        /// Its address.
+        peer: String,
+        /// What happened.
+        source: WireError,
+    },
+    /// A peer sent a frame of the wrong kind or size, or reported its own failure.
+    #[error("node {rank} ({peer}): {reason}")]
+    Protocol {
+        /// The peer's rank.
+        rank: usize,
+        /// Its address.
+        peer: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// A connection to one peer, with its rank and timeouts set.
+#[derive(Debug)]
+pub struct Link {
+    rank: usize,
+    peer: String,
+    stream: TcpStream,
+}
+
+impl Link {
+    /// Wraps `stream` to the node of `rank`: Nagle off, reads and writes bounded by
+    /// `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// Setting the socket options failed.
+    pub fn new(rank: usize, stream: TcpStream, timeout: Duration) -> std::io::Result<Self> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
+        Ok(Self { rank, peer, stream })
+    }
+
+    fn send(&mut self, frame: &Frame) -> Result<(), CollectiveError> {
+        write_frame(&mut self.stream, frame).map_err(|e| self.failed(e.into()))
+    }
+
+    fn receive(&mut self) -> Result<Frame, CollectiveError> {
+        read_frame(&mut self.stream, DEFAULT_MAX_FRAME).map_err(|e| self.failed(e))
+    }
+
+    fn failed(&self, source: WireError) -> CollectiveError {
+        CollectiveError::Peer {
+            rank: self.rank,
+            peer: self.peer.clone(),
+            source,
+        }
+    }
+
+    fn protocol(&self, reason: String) -> CollectiveError {
+        CollectiveError::Protocol {
+            rank: self.rank,
+            peer: self.peer.clone(),
+            reason,
+        }
+    }
+
+    /// The vector of a frame of the expected kind, decoded into `out`.
+    fn expect(&self, frame: Frame, sum: bool, out: &mut [f32]) -> Result<(), CollectiveError> {
+        let vector = match (frame, sum) {
+            (Frame::Sum(v), true) | (Frame::Partial(v), false) => v,
+            (Frame::Error(why), _) => return Err(self.protocol(format!("failed: {why}"))),
+            (other, _) => {
+                return Err(self.protocol(format!("unexpected frame {}", kind(&other))));
+            }
+        };
+        vector
+            .decode_into(out)
+            .map_err(|e| self.protocol(e.to_string()))
+    }
+}
+
+fn kind(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Partial(_) => "partial",
+        Frame::Sum(_) => "sum",
+        Frame::Error(_) => "error",
+    }
+}
+
+/// Bytes moved by all-reduces so far, for the benchmarks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Traffic {
+    /// All-reduces done.
+    pub reductions: u64,
+    /// Bytes this node sent.
+    pub sent: u64,
+    /// Bytes this node received.
+    pub received: u64,
+}
+
+/// The master's side of the star: one link per worker.
+#[derive(Debug)]
+pub struct StarMaster {
+    workers: Vec<Link>,
+    encoding: Encoding,
+    scratch: Vec<f32>,
+    traffic: Traffic,
+}
+
+impl StarMaster {
+    /// The master over `workers` (ranks 1..).
+    pub fn new(workers: Vec<Link>, encoding: Encoding) -> Self {
+        Self {
+            workers,
+            encoding,
+            scratch: Vec::new(),
+            traffic: Traffic::default(),
+        }
+    }
+
+    /// Replaces `part` by the sum of it and every worker's partial.
+    ///
+    /// # Errors
+    ///
+    /// [`CollectiveError`] naming the first worker that failed.
+    pub fn all_reduce(&mut self, part: &mut [f32]) -> Result<(), CollectiveError> {
+        self.scratch.resize(part.len(), 0.0);
+        for link in &mut self.workers {
+            let frame = link.receive()?;
+            self.traffic.received += 4 + frame_bytes(&frame) as u64;
+            link.expect(frame, false, &mut self.scratch)?;
+            part.iter_mut()
+                .zip(&self.scratch)
+                .for_each(|(p, s)| *p += s);
+        }
+        let sum = Vector::encode(part, self.encoding);
+        // What the workers will hold, this node holds too.
+        sum.decode_into(part)
+            .map_err(|e| self.workers[0].protocol(e.to_string()))?;
+        let frame = Frame::Sum(sum);
+        for link in &mut self.workers {
+            link.send(&frame)?;
+            self.traffic.sent += 4 + frame_bytes(&frame) as u64;
+        }
+        self.traffic.reductions += 1;
+        Ok(())
+    }
+
+    /// Bytes moved so far.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
+    }
+}
+
+/// A worker's side of the star: its link to the master.
+#[derive(Debug)]
+pub struct StarWorker {
+    master: Link,
+    encoding: Encoding,
+    traffic: Traffic,
+}
+
+impl StarWorker {
+    /// The worker whose master is at the end of `master`.
+    pub fn new(master: Link, encoding: Encoding) -> Self {
+        Self {
+            master,
+            encoding,
+            traffic: Traffic::default(),
+        }
+    }
+
+    /// Sends `part` to the master and replaces it by the sum the master sends back.
+    ///
+    /// # Errors
+    ///
+    /// [`CollectiveError`].
+    pub fn all_reduce(&mut self, part: &mut [f32]) -> Result<(), CollectiveError> {
+        let frame = Frame::Partial(Vector::encode(part, self.encoding));
+        self.master.send(&frame)?;
+        self.traffic.sent += 4 + frame_bytes(&frame) as u64;
+        let answer = self.master.receive()?;
+        self.traffic.received += 4 + frame_bytes(&answer) as u64;
+        self.master.expect(answer, true, part)?;
+        self.traffic.reductions += 1;
+        Ok(())
+    }
+
+    /// Tells the master this worker failed (best effort).
+    pub fn report(&mut self, why: &str) {
+        let _ = self.master.send(&Frame::Error(why.to_string()));
+    }
+
+    /// Bytes moved so far.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
+    }
+}
+
+fn frame_bytes(frame: &Frame) -> usize {
+    match frame {
+        Frame::Partial(v) | Frame::Sum(v) => 1 + v.wire_bytes(),
+        Frame::Error(why) => 1 + why.len(),
+    }
+}
+
+/// A master and `workers` workers connected on loopback (for tests of the cluster).
+///
+/// # Panics
+///
+/// If loopback sockets cannot be made.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn loopback_star(workers: usize, encoding: Encoding) -> (StarMaster, Vec<StarWorker>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let timeout = Duration::from_secs(10);
+    let mut worker_ends = Vec::new();
+    let mut master_ends = Vec::new();
+    for rank in 1..=workers {
+        let stream = TcpStream::connect(addr).unwrap();
+        worker_ends.push(StarWorker::new(
+            Link::new(0, stream, timeout).unwrap(),
+            encoding,
+        ));
+        let (accepted, _) = listener.accept().unwrap();
+        master_ends.push(Link::new(rank, accepted, timeout).unwrap());
+    }
+    (StarMaster::new(master_ends, encoding), worker_ends)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::net::TcpListener;
+
+    use super::*;
+
+    #[test]
+    fn every_node_ends_with_the_same_sum() {
+        for encoding in [Encoding::F32, Encoding::Q8_0] {
+            let (mut master, workers) = loopback_star(3, encoding);
+            let parts: Vec<Vec<f32>> = (0..4)
+                .map(|r| (0..64).map(|i| (i * (r + 1)) as f32 / 50.0).collect())
+                .collect();
+            let exact: Vec<f32> = (0..64).map(|i| parts.iter().map(|p| p[i]).sum()).collect();
+            let results: Vec<Vec<f32>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = workers
+                    .into_iter()
+                    .zip(&parts[1..])
+                    .map(|(mut w, part)| {
+                        let mut part = part.clone();
+                        scope.spawn(move || {
+                            w.all_reduce(&mut part).unwrap();
+                            assert_eq!(w.traffic().reductions, 1);
+                            part
+                        })
+                    })
+                    .collect();
+                let mut mine = parts[0].clone();
+                master.all_reduce(&mut mine).unwrap();
+                let mut all = vec![mine];
+                all.extend(handles.into_iter().map(|h| h.join().unwrap()));
+                all
+            });
+            for r in &results {
+                assert_eq!(r, &results[0], "{encoding:?}: nodes disagree");
+            }
+            let tolerance = if encoding == Encoding::F32 { 1e-5 } else { 0.1 };
+            for (a, b) in results[0].iter().zip(&exact) {
+                assert!((a - b).abs() <= tolerance, "{encoding:?}: {a} vs {b}");
+            }
+            let traffic = master.traffic();
+            let per = if encoding == Encoding::F32 {
+                4 + 1 + 5 + 256
+            } else {
+                4 + 1 + 5 + 68
+            };
+            assert_eq!((traffic.sent, traffic.received), (3 * per, 3 * per));
+        }
+    }
+
+    #[test]
+    fn a_silent_or_vanished_worker_is_an_error_naming_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let mut master = StarMaster::new(
+            vec![Link::new(2, accepted, Duration::from_millis(200)).unwrap()],
+            Encoding::F32,
+        );
+        // Connected but silent: the read times out.
+        let err = master.all_reduce(&mut [0.0; 4]).unwrap_err().to_string();
+        assert!(err.starts_with("node 2"), "{err}");
+        // Gone.
+        drop(stream);
+        let err = master.all_reduce(&mut [0.0; 4]).unwrap_err().to_string();
+        assert!(err.starts_with("node 2"), "{err}");
+    }
+}

@@ -1,11 +1,18 @@
-//! The all-reduce between nodes over TCP: star, as in TPI-LLM.
+//! The all-reduce between nodes over TCP: star (as in TPI-LLM) and all-to-all (as in
+//! distributed-llama).
 //!
-//! Every worker sends its partial vector to the master; the master adds them to its own and
-//! sends the sum back to every worker. Two link latencies per all-reduce whatever the
-//! number of nodes, which is what matters on a slow edge network (TPI-LLM §3: a star costs
-//! 2τ where a ring costs 2(N−1)τ). With the Q8_0 encoding the master keeps, for itself, the
-//! sum as the workers receive it (quantized, then decoded), so every node's residual stream
-//! stays the same bit for bit.
+//! - **Star** ([`StarMaster`], [`StarWorker`]): every worker sends its partial vector to the
+//!   master; the master adds them to its own and sends the sum back to every worker. Two
+//!   link latencies per all-reduce whatever the number of nodes (TPI-LLM §3: a star costs 2τ
+//!   where a ring costs 2(N−1)τ), and the master's link carries 2(N−1) vectors.
+//! - **All-to-all** ([`MeshNode`]): every node sends its partial to every other node and sums
+//!   what it receives. One link latency, N−1 vectors out of each node; N(N−1)/2
+//!   connections.
+//!
+//! Every node must end with the same sum, bit for bit, or the replicated residual streams
+//! drift apart. The star's master keeps the sum as the workers receive it (with Q8_0:
+//! quantized, then decoded); the mesh sums every node's partial, its own as the others
+//! receive it, in rank order on every node.
 //!
 //! Every read and write has a timeout; a peer that is gone or silent is an error naming it,
 //! which the caller turns into an answer (and, later, a re-formed cluster).
@@ -223,6 +230,105 @@ impl StarWorker {
     }
 }
 
+/// Most bytes of one vector frame the all-to-all sends to every peer before it reads any:
+/// what the peers' socket buffers take without the sender blocking (Linux accepts at least
+/// 64 KiB into a fresh connection's receive buffer). Larger vectors would need a sending
+/// thread; the models here send 2–32 KiB.
+pub const MESH_MAX_FRAME: usize = 64 << 10;
+
+/// One node of the all-to-all: a link to every other node.
+#[derive(Debug)]
+pub struct MeshNode {
+    rank: usize,
+    /// One per other node, in rank order.
+    peers: Vec<Link>,
+    encoding: Encoding,
+    received: Vec<Vec<f32>>,
+    traffic: Traffic,
+}
+
+impl MeshNode {
+    /// Node `rank` of `peers.len() + 1`, with `peers` the links to the others (any order).
+    pub fn new(rank: usize, mut peers: Vec<Link>, encoding: Encoding) -> Self {
+        peers.sort_by_key(|l| l.rank);
+        Self {
+            rank,
+            peers,
+            encoding,
+            received: Vec::new(),
+            traffic: Traffic::default(),
+        }
+    }
+
+    /// Replaces `part` by the sum of every node's partial.
+    ///
+    /// # Errors
+    ///
+    /// [`CollectiveError`] naming the first peer that failed, or a vector too large to
+    /// send before reading ([`MESH_MAX_FRAME`]).
+    pub fn all_reduce(&mut self, part: &mut [f32]) -> Result<(), CollectiveError> {
+        let mine = Vector::encode(part, self.encoding);
+        if mine.wire_bytes() > MESH_MAX_FRAME {
+            let first = self.peers.first().map_or(self.rank, |p| p.rank);
+            return Err(CollectiveError::Protocol {
+                rank: first,
+                peer: "-".into(),
+                reason: format!(
+                    "a vector of {} bytes is over the all-to-all's {MESH_MAX_FRAME}; use the star",
+                    mine.wire_bytes()
+                ),
+            });
+        }
+        // Own partial as the others will decode it.
+        let mut own = vec![0.0; part.len()];
+        mine.decode_into(&mut own)
+            .map_err(|e| CollectiveError::Protocol {
+                rank: self.rank,
+                peer: "self".into(),
+                reason: e.to_string(),
+            })?;
+        let frame = Frame::Partial(mine);
+        for link in &mut self.peers {
+            link.send(&frame)?;
+            self.traffic.sent += 4 + frame_bytes(&frame) as u64;
+        }
+        self.received.resize_with(self.peers.len(), Vec::new);
+        for (link, into) in self.peers.iter_mut().zip(&mut self.received) {
+            let frame = link.receive()?;
+            self.traffic.received += 4 + frame_bytes(&frame) as u64;
+            into.resize(part.len(), 0.0);
+            link.expect(frame, false, into)?;
+        }
+        // Everything in rank order, on every node the same.
+        part.fill(0.0);
+        let mut others = self.received.iter();
+        let mut own_added = false;
+        for link in &self.peers {
+            if !own_added && link.rank > self.rank {
+                add_into(part, &own);
+                own_added = true;
+            }
+            if let Some(values) = others.next() {
+                add_into(part, values);
+            }
+        }
+        if !own_added {
+            add_into(part, &own);
+        }
+        self.traffic.reductions += 1;
+        Ok(())
+    }
+
+    /// Bytes moved so far.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
+    }
+}
+
+fn add_into(sum: &mut [f32], values: &[f32]) {
+    sum.iter_mut().zip(values).for_each(|(s, v)| *s += v);
+}
+
 fn frame_bytes(frame: &Frame) -> usize {
     match frame {
         Frame::Partial(v) | Frame::Sum(v) => 1 + v.wire_bytes(),
@@ -253,6 +359,33 @@ pub(crate) fn loopback_star(workers: usize, encoding: Encoding) -> (StarMaster, 
         master_ends.push(Link::new(rank, accepted, timeout).unwrap());
     }
     (StarMaster::new(master_ends, encoding), worker_ends)
+}
+
+/// `nodes` mesh nodes connected pairwise on loopback (for tests of the cluster).
+///
+/// # Panics
+///
+/// If loopback sockets cannot be made.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn loopback_mesh(nodes: usize, encoding: Encoding) -> Vec<MeshNode> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let timeout = Duration::from_secs(10);
+    let mut links: Vec<Vec<Link>> = (0..nodes).map(|_| Vec::new()).collect();
+    for i in 0..nodes {
+        for j in i + 1..nodes {
+            let stream = TcpStream::connect(addr).unwrap();
+            let (accepted, _) = listener.accept().unwrap();
+            links[i].push(Link::new(j, stream, timeout).unwrap());
+            links[j].push(Link::new(i, accepted, timeout).unwrap());
+        }
+    }
+    links
+        .into_iter()
+        .enumerate()
+        .map(|(rank, peers)| MeshNode::new(rank, peers, encoding))
+        .collect()
 }
 
 #[cfg(test)]
@@ -304,6 +437,52 @@ mod tests {
                 4 + 1 + 5 + 68
             };
             assert_eq!((traffic.sent, traffic.received), (3 * per, 3 * per));
+        }
+    }
+
+    #[test]
+    fn every_mesh_node_ends_with_the_same_sum() {
+        for encoding in [Encoding::F32, Encoding::Q8_0] {
+            let nodes = loopback_mesh(4, encoding);
+            let parts: Vec<Vec<f32>> = (0..4)
+                .map(|r| {
+                    (0..64)
+                        .map(|i| ((i * (r + 3)) % 17) as f32 / 9.0 - 0.8)
+                        .collect()
+                })
+                .collect();
+            let exact: Vec<f32> = (0..64).map(|i| parts.iter().map(|p| p[i]).sum()).collect();
+            let results: Vec<(Vec<f32>, Traffic)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = nodes
+                    .into_iter()
+                    .zip(&parts)
+                    .map(|(mut node, part)| {
+                        let mut part = part.clone();
+                        scope.spawn(move || {
+                            node.all_reduce(&mut part).unwrap();
+                            (part, node.traffic())
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (r, _) in &results {
+                assert_eq!(r, &results[0].0, "{encoding:?}: nodes disagree");
+            }
+            let tolerance = if encoding == Encoding::F32 {
+                1e-5
+            } else {
+                0.05
+            };
+            for (a, b) in results[0].0.iter().zip(&exact) {
+                assert!((a - b).abs() <= tolerance, "{encoding:?}: {a} vs {b}");
+            }
+            let per = if encoding == Encoding::F32 {
+                4 + 1 + 5 + 256
+            } else {
+                4 + 1 + 5 + 68
+            };
+            assert_eq!(results[0].1.sent, 3 * per);
         }
     }
 

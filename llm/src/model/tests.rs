@@ -430,17 +430,26 @@ fn star_reducers(nodes: usize, encoding: crate::wire::Encoding) -> Vec<Reduce> {
     reducers
 }
 
-/// Greedy decoding with `model` split by `plan`, one thread per node, all-reducing over
-/// loopback TCP; node 0 embeds and samples, as the master will. Returns the tokens and the
-/// logits of each step.
+/// One all-reduce per node of an all-to-all mesh over loopback TCP, in rank order.
+fn mesh_reducers(nodes: usize, encoding: crate::wire::Encoding) -> Vec<Reduce> {
+    let collective = |e: crate::collective::CollectiveError| ModelError::Collective(e.to_string());
+    crate::collective::loopback_mesh(nodes, encoding)
+        .into_iter()
+        .map(|mut node| -> Reduce { Box::new(move |p| node.all_reduce(p).map_err(collective)) })
+        .collect()
+}
+
+/// Greedy decoding with `model` split by `plan`, one thread per node, all-reducing with
+/// `reducers` (one per node); node 0 embeds and samples, as the master will. Returns the
+/// tokens and the logits of each step.
 fn generate_tensor_parallel(
     model: &Model,
     plan: &crate::shard::ShardPlan,
     prompt: &[u32],
     steps: usize,
+    reducers: Vec<Reduce>,
 ) -> (Vec<u32>, Vec<Vec<f32>>) {
     let shards: Vec<Model> = plan.nodes.iter().map(|s| model.select(s)).collect();
-    let reducers = star_reducers(shards.len(), crate::wire::Encoding::F32);
     // The master's choice of each next token, seen by the workers through this slot.
     let next = std::sync::Mutex::new(Vec::<u32>::new());
     let go = std::sync::Barrier::new(shards.len());
@@ -514,7 +523,8 @@ fn tensor_parallel_decoding_equals_one_node_on_the_tiny_model() {
         vec![3.0, 1.0],
     ] {
         let plan = crate::shard::ShardPlan::new(model.config(), &capabilities).unwrap();
-        let (tokens, all_logits) = generate_tensor_parallel(&model, &plan, &prompt, 6);
+        let reducers = star_reducers(capabilities.len(), crate::wire::Encoding::F32);
+        let (tokens, all_logits) = generate_tensor_parallel(&model, &plan, &prompt, 6, reducers);
         let expected: Vec<u32> = single.iter().map(|(t, _)| *t).collect();
         assert_eq!(tokens, expected, "{capabilities:?}");
         for ((_, one), many) in single.iter().zip(&all_logits) {
@@ -528,7 +538,8 @@ fn tensor_parallel_decoding_equals_one_node_on_the_tiny_model() {
     }
 }
 
-/// SmolLM2 over 1 to 4 nodes (threads) gives the single node's greedy tokens.
+/// SmolLM2 over 2 to 4 nodes (threads joined by loopback TCP) gives the single node's
+/// greedy tokens.
 #[test]
 fn tensor_parallel_smollm2_gives_the_single_node_tokens() {
     let Some(path) = crate::test_model::smollm2() else {
@@ -539,15 +550,25 @@ fn tensor_parallel_smollm2_gives_the_single_node_tokens() {
     let model = Model::load(&gguf).unwrap();
     let prompt = tokenizer.encode("The three primary colours are", false);
     let steps = 12;
+    let f32 = crate::wire::Encoding::F32;
     let single = crate::shard::ShardPlan::new(model.config(), &[1.0]).unwrap();
-    let (expected, _) = generate_tensor_parallel(&model, &single, &prompt, steps);
-    for nodes in 2..=4 {
+    let (expected, _) =
+        generate_tensor_parallel(&model, &single, &prompt, steps, star_reducers(1, f32));
+    // The star with 2, 3 and 4 nodes (4: K/V replicated, query heads split), and the
+    // all-to-all with 3.
+    let clusters: [(usize, &str, Vec<Reduce>); 4] = [
+        (2, "star", star_reducers(2, f32)),
+        (3, "star", star_reducers(3, f32)),
+        (4, "star", star_reducers(4, f32)),
+        (3, "all-to-all", mesh_reducers(3, f32)),
+    ];
+    for (nodes, how, reducers) in clusters {
         let plan = crate::shard::ShardPlan::new(model.config(), &vec![1.0; nodes]).unwrap();
-        let (tokens, _) = generate_tensor_parallel(&model, &plan, &prompt, steps);
+        let (tokens, _) = generate_tensor_parallel(&model, &plan, &prompt, steps, reducers);
         assert_eq!(
             tokens,
             expected,
-            "{nodes} nodes: {:?} vs {:?}",
+            "{nodes} nodes, {how}: {:?} vs {:?}",
             tokenizer.decode(&tokens, false),
             tokenizer.decode(&expected, false)
         );

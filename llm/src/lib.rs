@@ -15,12 +15,13 @@
 //!
 //! - [`chat`] renders a conversation with the Jinja chat template the file carries.
 //! - [`matmul`] multiplies quantized weights by activation vectors; [`model`] is the llama
-//!   decoder, its KV cache kept apart.
+//!   decoder, its KV cache kept apart, with all layers in memory or a sliding window of
+//!   them ([`model::Model::load_windowed`]).
 //! - [`shard`] plans which heads and FFN slice each node of a cluster computes;
 //!   [`wire`] is the frame format between nodes and [`collective`] the star all-reduce
 //!   over TCP.
 //!
-//! Moving shards to workers, the alternative all-reduce, the weight window and the
+//! Moving shards to workers and the
 //! OpenAI-compatible API are built on these (issue 6); this crate knows nothing of the
 //! vision path, and shares only `proto` with the rest of the workspace.
 //!
@@ -42,6 +43,7 @@ pub mod model;
 pub mod quant;
 pub mod shard;
 pub mod tokenizer;
+mod window;
 pub mod wire;
 
 #[cfg(test)]

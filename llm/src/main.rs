@@ -58,6 +58,11 @@ struct RunArgs {
     /// Compute threads; 0: one per core.
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Keep at most this many layers' weights in memory, reading the next ones from the file
+    /// on a background thread while one computes (TPI-LLM's sliding window); 0 keeps them
+    /// all. Saves memory, costs reading every layer once per token.
+    #[arg(long, default_value_t = 0)]
+    memory_window: usize,
     /// Print the token ids generated, one line, after the text.
     #[arg(long)]
     print_ids: bool,
@@ -173,7 +178,12 @@ fn generate(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let loading = Instant::now();
     let gguf = Gguf::open(&args.model)?;
     let tokenizer = Tokenizer::from_gguf(&gguf)?;
-    let model = Model::load(&gguf)?;
+    let gguf = std::sync::Arc::new(gguf);
+    let model = if args.memory_window > 0 {
+        Model::load_windowed(gguf.clone(), args.memory_window, None)?
+    } else {
+        Model::load(&gguf)?
+    };
     let load_s = loading.elapsed().as_secs_f64();
     let (text, parse_special) = if args.chat {
         let template = ChatTemplate::from_gguf(&gguf)?;

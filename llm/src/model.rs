@@ -18,6 +18,9 @@
 use crate::gguf::{Gguf, GgufError};
 use crate::matmul::{QMatrix, ShapeMismatch};
 use crate::shard::NodeShard;
+use crate::window::LayerStream;
+
+use std::sync::Arc;
 
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -138,9 +141,18 @@ impl Config {
     }
 }
 
+/// Where the layers' weights are.
+#[derive(Debug)]
+enum Layers {
+    /// All in memory.
+    Resident(Vec<Layer>),
+    /// On disk, a window of them in memory at a time.
+    Streamed(LayerStream),
+}
+
 /// One transformer block's weights.
 #[derive(Debug)]
-struct Layer {
+pub(crate) struct Layer {
     attn_norm: Vec<f32>,
     wq: QMatrix,
     wk: QMatrix,
@@ -159,7 +171,7 @@ pub struct Model {
     /// What this model computes of each layer (everything, unless it is a shard).
     shard: NodeShard,
     embedding: QMatrix,
-    layers: Vec<Layer>,
+    layers: Layers,
     output_norm: Vec<f32>,
     /// `None`: tied to the embedding.
     output: Option<QMatrix>,
@@ -176,21 +188,9 @@ impl Model {
         let c = &config;
         let matrix = |name: &str, rows: usize, cols: usize| load_matrix(gguf, name, rows, cols);
         let vector = |name: &str, len: usize| load_vector(gguf, name, len);
-        let mut layers = Vec::with_capacity(c.layers);
-        for i in 0..c.layers {
-            let p = format!("blk.{i}");
-            layers.push(Layer {
-                attn_norm: vector(&format!("{p}.attn_norm.weight"), c.hidden)?,
-                wq: matrix(&format!("{p}.attn_q.weight"), c.hidden, c.hidden)?,
-                wk: matrix(&format!("{p}.attn_k.weight"), c.kv_dim(), c.hidden)?,
-                wv: matrix(&format!("{p}.attn_v.weight"), c.kv_dim(), c.hidden)?,
-                wo: matrix(&format!("{p}.attn_output.weight"), c.hidden, c.hidden)?,
-                ffn_norm: vector(&format!("{p}.ffn_norm.weight"), c.hidden)?,
-                gate: matrix(&format!("{p}.ffn_gate.weight"), c.ffn, c.hidden)?,
-                up: matrix(&format!("{p}.ffn_up.weight"), c.ffn, c.hidden)?,
-                down: matrix(&format!("{p}.ffn_down.weight"), c.hidden, c.ffn)?,
-            });
-        }
+        let layers = (0..c.layers)
+            .map(|i| load_layer(gguf, c, i))
+            .collect::<Result<Vec<_>, _>>()?;
         let output = match gguf.tensor("output.weight") {
             Ok(_) => Some(matrix("output.weight", c.vocab, c.hidden)?),
             Err(GgufError::NoTensor(_)) => None,
@@ -205,7 +205,49 @@ impl Model {
             embedding: matrix("token_embd.weight", c.vocab, c.hidden)?,
             output_norm: vector("output_norm.weight", c.hidden)?,
             output,
-            layers,
+            layers: Layers::Resident(layers),
+            config,
+        })
+    }
+
+    /// Like [`Model::load`], but the layers stay on disk: at most `window` of them (at
+    /// least 1) are in memory at once, the next read and prepared on a background thread
+    /// while the current one computes (TPI-LLM's sliding-window weight scheduler). With
+    /// `shard`, only that part of each layer is kept. The embedding, final norm and output
+    /// head stay resident.
+    ///
+    /// # Errors
+    ///
+    /// As [`Model::load`]; a layer that fails to load later fails the step that needed it.
+    pub fn load_windowed(
+        gguf: Arc<Gguf>,
+        window: usize,
+        shard: Option<NodeShard>,
+    ) -> Result<Self, ModelError> {
+        let config = Config::from_gguf(&gguf)?;
+        let c = &config;
+        let full = NodeShard {
+            heads: 0..c.heads,
+            kv_heads: 0..c.kv_heads,
+            ffn: 0..c.ffn,
+        };
+        let shard = shard.unwrap_or(full);
+        // The first layer now, so that a file that cannot be run fails here, not mid-step.
+        load_layer(&gguf, c, 0)?;
+        let output = match gguf.tensor("output.weight") {
+            Ok(_) => Some(load_matrix(&gguf, "output.weight", c.vocab, c.hidden)?),
+            Err(GgufError::NoTensor(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let embedding = load_matrix(&gguf, "token_embd.weight", c.vocab, c.hidden)?;
+        let output_norm = load_vector(&gguf, "output_norm.weight", c.hidden)?;
+        let stream = LayerStream::start(gguf, config.clone(), shard.clone(), window);
+        Ok(Self {
+            shard,
+            embedding,
+            output_norm,
+            output,
+            layers: Layers::Streamed(stream),
             config,
         })
     }
@@ -215,19 +257,17 @@ impl Model {
         &self.config
     }
 
-    /// Bytes of weights held.
+    /// Bytes of weights held in memory (for a windowed model: the resident parts and a
+    /// full window of layers).
     pub fn weight_bytes(&self) -> usize {
-        let layer = |l: &Layer| {
-            [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
-                .iter()
-                .map(|m| m.size_bytes())
-                .sum::<usize>()
-                + 4 * (l.attn_norm.len() + l.ffn_norm.len())
+        let layers = match &self.layers {
+            Layers::Resident(layers) => layers.iter().map(Layer::size_bytes).sum::<usize>(),
+            Layers::Streamed(stream) => stream.window_bytes(),
         };
         self.embedding.size_bytes()
             + self.output.as_ref().map_or(0, QMatrix::size_bytes)
             + 4 * self.output_norm.len()
-            + self.layers.iter().map(layer).sum::<usize>()
+            + layers
     }
 
     /// What this model computes of each layer.
@@ -244,24 +284,15 @@ impl Model {
     ///
     /// If `shard` is not within this model (a plan made for another model).
     pub fn select(&self, shard: &NodeShard) -> Self {
-        let hd = self.config.head_dim;
-        let q = shard.heads.start * hd..shard.heads.end * hd;
-        let kv = shard.kv_heads.start * hd..shard.kv_heads.end * hd;
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| Layer {
-                attn_norm: l.attn_norm.clone(),
-                wq: l.wq.select_rows(q.clone()),
-                wk: l.wk.select_rows(kv.clone()),
-                wv: l.wv.select_rows(kv.clone()),
-                wo: l.wo.select_cols(q.clone()),
-                ffn_norm: l.ffn_norm.clone(),
-                gate: l.gate.select_rows(shard.ffn.clone()),
-                up: l.up.select_rows(shard.ffn.clone()),
-                down: l.down.select_cols(shard.ffn.clone()),
-            })
-            .collect();
+        let layers = match &self.layers {
+            Layers::Resident(layers) => Layers::Resident(
+                layers
+                    .iter()
+                    .map(|l| l.select(shard, self.config.head_dim))
+                    .collect(),
+            ),
+            Layers::Streamed(stream) => Layers::Streamed(stream.restart(shard.clone())),
+        };
         Self {
             config: self.config.clone(),
             shard: shard.clone(),
@@ -330,7 +361,15 @@ impl Model {
             )));
         }
         let s = &mut cache.scratch;
-        for (l, layer) in self.layers.iter().enumerate() {
+        for l in 0..c.layers {
+            let streamed;
+            let layer = match &self.layers {
+                Layers::Resident(layers) => &layers[l],
+                Layers::Streamed(stream) => {
+                    streamed = stream.next(l)?;
+                    &streamed
+                }
+            };
             rms_norm(x, &layer.attn_norm, c.norm_eps, &mut s.normed);
             layer.wq.matvec(&s.normed, &mut s.q);
             layer.wk.matvec(&s.normed, &mut s.k);
@@ -379,6 +418,54 @@ impl Model {
             .matvec(&normed, &mut logits);
         logits
     }
+}
+
+impl Layer {
+    /// The part of this layer that `shard` computes.
+    pub(crate) fn select(&self, shard: &NodeShard, head_dim: usize) -> Self {
+        let q = shard.heads.start * head_dim..shard.heads.end * head_dim;
+        let kv = shard.kv_heads.start * head_dim..shard.kv_heads.end * head_dim;
+        Self {
+            attn_norm: self.attn_norm.clone(),
+            wq: self.wq.select_rows(q.clone()),
+            wk: self.wk.select_rows(kv.clone()),
+            wv: self.wv.select_rows(kv),
+            wo: self.wo.select_cols(q),
+            ffn_norm: self.ffn_norm.clone(),
+            gate: self.gate.select_rows(shard.ffn.clone()),
+            up: self.up.select_rows(shard.ffn.clone()),
+            down: self.down.select_cols(shard.ffn.clone()),
+        }
+    }
+
+    /// Bytes held.
+    pub(crate) fn size_bytes(&self) -> usize {
+        [
+            &self.wq, &self.wk, &self.wv, &self.wo, &self.gate, &self.up, &self.down,
+        ]
+        .iter()
+        .map(|m| m.size_bytes())
+        .sum::<usize>()
+            + 4 * (self.attn_norm.len() + self.ffn_norm.len())
+    }
+}
+
+/// Layer `i` of a llama-architecture file, whole.
+pub(crate) fn load_layer(gguf: &Gguf, c: &Config, i: usize) -> Result<Layer, ModelError> {
+    let matrix = |name: &str, rows: usize, cols: usize| load_matrix(gguf, name, rows, cols);
+    let vector = |name: &str, len: usize| load_vector(gguf, name, len);
+    let p = format!("blk.{i}");
+    Ok(Layer {
+        attn_norm: vector(&format!("{p}.attn_norm.weight"), c.hidden)?,
+        wq: matrix(&format!("{p}.attn_q.weight"), c.hidden, c.hidden)?,
+        wk: matrix(&format!("{p}.attn_k.weight"), c.kv_dim(), c.hidden)?,
+        wv: matrix(&format!("{p}.attn_v.weight"), c.kv_dim(), c.hidden)?,
+        wo: matrix(&format!("{p}.attn_output.weight"), c.hidden, c.hidden)?,
+        ffn_norm: vector(&format!("{p}.ffn_norm.weight"), c.hidden)?,
+        gate: matrix(&format!("{p}.ffn_gate.weight"), c.ffn, c.hidden)?,
+        up: matrix(&format!("{p}.ffn_up.weight"), c.ffn, c.hidden)?,
+        down: matrix(&format!("{p}.ffn_down.weight"), c.hidden, c.ffn)?,
+    })
 }
 
 fn load_matrix(gguf: &Gguf, name: &str, rows: usize, cols: usize) -> Result<QMatrix, ModelError> {

@@ -574,3 +574,38 @@ fn tensor_parallel_smollm2_gives_the_single_node_tokens() {
         );
     }
 }
+
+#[test]
+fn a_window_of_layers_computes_what_all_layers_compute() {
+    let (_dir, path, _) = tiny(GgmlType::Q4_1, false);
+    let gguf = std::sync::Arc::new(Gguf::open(&path).unwrap());
+    let resident = Model::load(&gguf).unwrap();
+    let tokens = [5u32, 9, 9, 30, 1];
+    let run = |model: &Model| -> Vec<Vec<f32>> {
+        let mut cache = model.new_cache(8);
+        tokens
+            .iter()
+            .map(|&t| model.forward(t, &mut cache).unwrap())
+            .collect()
+    };
+    let expected = run(&resident);
+    for window in [1, 2, 3, LAYERS + 2] {
+        let windowed = Model::load_windowed(gguf.clone(), window, None).unwrap();
+        assert_eq!(run(&windowed), expected, "window {window}");
+        assert!(windowed.weight_bytes() <= resident.weight_bytes() + window * 100_000);
+        // A shard streamed is the shard of the whole, streamed.
+        let plan = crate::shard::ShardPlan::new(resident.config(), &[1.0, 1.0]).unwrap();
+        let (a, b) = (
+            windowed.select(&plan.nodes[1]),
+            resident.select(&plan.nodes[1]),
+        );
+        let (mut ca, mut cb) = (a.new_cache(4), b.new_cache(4));
+        let (mut xa, mut xb) = (a.embed(7).unwrap(), b.embed(7).unwrap());
+        a.layers_forward(&mut xa, &mut ca, &mut |_| Ok(())).unwrap();
+        b.layers_forward(&mut xb, &mut cb, &mut |_| Ok(())).unwrap();
+        assert_eq!(xa, xb, "window {window}, shard");
+    }
+    // A window of one of the two layers holds less than both.
+    let one = Model::load_windowed(gguf.clone(), 1, None).unwrap();
+    assert!(one.weight_bytes() < resident.weight_bytes());
+}

@@ -1,0 +1,113 @@
+//! The sliding weight window: layers read from disk while others compute, a few at a time.
+//!
+//! TPI-LLM's memory scheduler keeps at most W layer blocks of weights resident: a daemon
+//! thread loads the next block while the current one computes and frees each once used, so
+//! a node can serve a model larger than its memory, at the price of reading every layer
+//! once per token (from the page cache when it fits there, from disk when it does not).
+//!
+//! Here a loader thread reads and prepares layers (`Layer` for this node's shard) in the
+//! order a step uses them, 0, 1, …, L−1, 0, 1, …, into a bounded channel. The compute takes
+//! each in turn and drops it when the layer is done. In memory at once: the layer computing,
+//! the ones queued, and the one the loader has ready to hand over; the channel holds W − 2 so
+//! that this is W. With W = 1 there is no loader: each layer is read when it is needed.
+//!
+//! A step that fails half-way leaves the loader ahead of where the next step starts; the
+//! next step skips layers until the one it needs comes round again.
+
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use crate::gguf::Gguf;
+use crate::model::{Config, Layer, ModelError, load_layer};
+use crate::shard::NodeShard;
+
+/// A loaded layer (or why it could not be), with its index.
+type Loaded = (usize, Result<Layer, ModelError>);
+
+/// Layers coming from disk, in step order.
+#[derive(Debug)]
+pub(crate) struct LayerStream {
+    gguf: Arc<Gguf>,
+    config: Config,
+    shard: NodeShard,
+    window: usize,
+    /// `None` for a window of 1: read on demand.
+    loaded: Option<Mutex<Receiver<Loaded>>>,
+    /// Bytes of the largest layer, for reporting.
+    layer_bytes: usize,
+}
+
+impl LayerStream {
+    /// Starts streaming the `shard` of each layer of `gguf`, `window` (at least 1) at once.
+    pub(crate) fn start(gguf: Arc<Gguf>, config: Config, shard: NodeShard, window: usize) -> Self {
+        let window = window.max(1);
+        let head_dim = config.head_dim;
+        let layer_bytes = load_layer(&gguf, &config, 0)
+            .map(|l| l.select(&shard, head_dim).size_bytes())
+            .unwrap_or(0);
+        let loaded = (window >= 2).then(|| {
+            let (tx, rx) = sync_channel(window - 2);
+            let (gguf, config, shard) = (gguf.clone(), config.clone(), shard.clone());
+            std::thread::Builder::new()
+                .name("cleave-llm-weights".into())
+                .spawn(move || load_forever(&gguf, &config, &shard, &tx))
+                .map(|_| Mutex::new(rx))
+        });
+        Self {
+            gguf,
+            config,
+            shard,
+            window,
+            // A loader thread that could not start: read on demand instead.
+            loaded: loaded.and_then(Result::ok),
+            layer_bytes,
+        }
+    }
+
+    /// The same stream for another shard (its own loader thread).
+    pub(crate) fn restart(&self, shard: NodeShard) -> Self {
+        Self::start(self.gguf.clone(), self.config.clone(), shard, self.window)
+    }
+
+    /// Layer `index`, which must be the one after the last taken (or 0 to begin a step).
+    pub(crate) fn next(&self, index: usize) -> Result<Layer, ModelError> {
+        let Some(loaded) = &self.loaded else {
+            return self.read(index);
+        };
+        let loaded = loaded
+            .lock()
+            .map_err(|_| ModelError::Unsupported("the weight loader's queue is poisoned".into()))?;
+        // At most one lap to come round to `index` (after a step that failed half-way).
+        for _ in 0..=self.config.layers {
+            let (got, layer) = loaded.recv().map_err(|_| {
+                ModelError::Unsupported("the weight loader thread has stopped".into())
+            })?;
+            if got == index {
+                return layer;
+            }
+        }
+        Err(ModelError::Unsupported(format!(
+            "the weight loader never produced layer {index}"
+        )))
+    }
+
+    fn read(&self, index: usize) -> Result<Layer, ModelError> {
+        load_layer(&self.gguf, &self.config, index)
+            .map(|l| l.select(&self.shard, self.config.head_dim))
+    }
+
+    /// Bytes of a full window of layers.
+    pub(crate) fn window_bytes(&self) -> usize {
+        self.window * self.layer_bytes
+    }
+}
+
+/// The loader thread: every layer in step order, for ever, until the stream is dropped.
+fn load_forever(gguf: &Gguf, config: &Config, shard: &NodeShard, out: &SyncSender<Loaded>) {
+    for index in (0..config.layers).cycle() {
+        let layer = load_layer(gguf, config, index).map(|l| l.select(shard, config.head_dim));
+        if out.send((index, layer)).is_err() {
+            return;
+        }
+    }
+}

@@ -185,18 +185,23 @@ fn generate(args: &RunArgs) -> anyhow::Result<ExitCode> {
         Model::load(&gguf)?
     };
     let load_s = loading.elapsed().as_secs_f64();
-    let (text, parse_special) = if args.chat {
+    // The template's text is parsed for control tokens; the user's is not.
+    let pieces = if args.chat {
         let template = ChatTemplate::from_gguf(&gguf)?;
         let user = [Message::new("user", &args.prompt)];
-        (template.render(&user, true, "", "")?, true)
+        let name = |id: Option<u32>| id.and_then(|id| tokenizer.token_text(id)).unwrap_or("");
+        let (bos, eos) = (name(tokenizer.bos()), name(tokenizer.eos()));
+        template.render_pieces(&user, true, bos, eos)?
     } else {
-        (args.prompt.clone(), false)
+        vec![(args.prompt.clone(), false)]
     };
     let mut prompt = Vec::new();
     if tokenizer.adds_bos() {
         prompt.extend(tokenizer.bos());
     }
-    prompt.extend(tokenizer.encode(&text, parse_special));
+    for (text, parse_special) in &pieces {
+        prompt.extend(tokenizer.encode(text, *parse_special));
+    }
     anyhow::ensure!(!prompt.is_empty(), "the prompt is empty");
     let mut cache = model.new_cache(prompt.len() + args.max_tokens);
     let started = Instant::now();

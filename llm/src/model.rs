@@ -157,7 +157,7 @@ pub(crate) struct Layer {
     wq: QMatrix,
     wk: QMatrix,
     wv: QMatrix,
-    wo: QMatrix,
+    pub(crate) wo: QMatrix,
     ffn_norm: Vec<f32>,
     gate: QMatrix,
     up: QMatrix,
@@ -231,7 +231,6 @@ impl Model {
             kv_heads: 0..c.kv_heads,
             ffn: 0..c.ffn,
         };
-        let shard = shard.unwrap_or(full);
         // The first layer now, so that a file that cannot be run fails here, not mid-step.
         load_layer(&gguf, c, 0)?;
         let output = match gguf.tensor("output.weight") {
@@ -241,15 +240,19 @@ impl Model {
         };
         let embedding = load_matrix(&gguf, "token_embd.weight", c.vocab, c.hidden)?;
         let output_norm = load_vector(&gguf, "output_norm.weight", c.hidden)?;
-        let stream = LayerStream::start(gguf, config.clone(), shard.clone(), window);
-        Ok(Self {
-            shard,
+        let stream = LayerStream::start(gguf, config.clone(), full.clone(), window);
+        let model = Self {
+            shard: full,
             embedding,
             output_norm,
             output,
             layers: Layers::Streamed(stream),
             config,
-        })
+        };
+        match shard {
+            Some(shard) => model.select(&shard),
+            None => Ok(model),
+        }
     }
 
     /// The hyperparameters.
@@ -280,10 +283,45 @@ impl Model {
     /// replicated residual stream). The embedding and output head come along for now; a
     /// worker on its own will not need them.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If `shard` is not within this model (a plan made for another model).
-    pub fn select(&self, shard: &NodeShard) -> Self {
+    /// [`ModelError::Unsupported`] if this model is already a shard, if `shard` is not
+    /// within it (a plan made for another model), or if its head boundaries cut the
+    /// 32-value blocks of a quantized Wo (a head width that is not a multiple of 32).
+    pub fn select(&self, shard: &NodeShard) -> Result<Self, ModelError> {
+        let c = &self.config;
+        let whole = self.shard.heads == (0..c.heads) && self.shard.ffn == (0..c.ffn);
+        let wo = match &self.layers {
+            Layers::Resident(layers) => layers.first().map(|l| l.wo.ty()),
+            Layers::Streamed(stream) => Some(stream.wo_type()),
+        };
+        let blocks = wo.is_some_and(|ty| ty.block_values() > 1);
+        let q = shard.heads.start * c.head_dim..shard.heads.end * c.head_dim;
+        let problem = if !whole {
+            Some("this model is already a shard".to_string())
+        } else if shard.heads.end > c.heads
+            || shard.kv_heads.end > c.kv_heads
+            || shard.ffn.end > c.ffn
+            || shard.heads.is_empty()
+            || !shard.ffn.start.is_multiple_of(crate::quant::BLOCK)
+            || !shard.ffn.end.is_multiple_of(crate::quant::BLOCK)
+        {
+            Some(format!("the shard {shard:?} is not a shard of this model"))
+        } else if blocks
+            && !(q.start.is_multiple_of(crate::quant::BLOCK)
+                && q.end.is_multiple_of(crate::quant::BLOCK))
+        {
+            Some(format!(
+                "heads of {} values cut the 32-value blocks of the quantized Wo: this model \
+                 cannot be split between these heads",
+                c.head_dim
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(ModelError::Unsupported(problem));
+        }
         let layers = match &self.layers {
             Layers::Resident(layers) => Layers::Resident(
                 layers
@@ -293,14 +331,14 @@ impl Model {
             ),
             Layers::Streamed(stream) => Layers::Streamed(stream.restart(shard.clone())),
         };
-        Self {
+        Ok(Self {
             config: self.config.clone(),
             shard: shard.clone(),
             embedding: self.embedding.clone(),
             layers,
             output_norm: self.output_norm.clone(),
             output: self.output.clone(),
-        }
+        })
     }
 
     /// An empty cache for this model (or shard) of up to `capacity` tokens.
@@ -377,6 +415,9 @@ impl Model {
             rope(&mut s.q, c.head_dim, pos, c.rope_base);
             rope(&mut s.k, c.head_dim, pos, c.rope_base);
             let (keys, values) = (&mut cache.keys[l], &mut cache.values[l]);
+            // A step that failed part-way left its keys in the layers before the failure.
+            keys.truncate(pos * s.k.len());
+            values.truncate(pos * s.v.len());
             keys.extend_from_slice(&s.k);
             values.extend_from_slice(&s.v);
             attention(
@@ -513,7 +554,12 @@ impl KvCache {
         let c = &model.config;
         let capacity = capacity.min(c.context);
         let kv_dim = model.shard.kv_heads.len() * c.head_dim;
-        let per_layer = || vec![Vec::with_capacity(capacity * kv_dim); c.layers];
+        // Not `vec![v; n]`: its clones would not keep the capacity.
+        let per_layer = || {
+            (0..c.layers)
+                .map(|_| Vec::with_capacity(capacity * kv_dim))
+                .collect()
+        };
         Self {
             keys: per_layer(),
             values: per_layer(),

@@ -118,8 +118,13 @@ impl ShardPlan {
 fn apportion(units: usize, weights: &[f64]) -> Vec<usize> {
     let n = weights.len();
     let spare = units - n;
-    let total: f64 = weights.iter().sum();
-    let ideal: Vec<f64> = weights.iter().map(|w| spare as f64 * w / total).collect();
+    // Relative to the largest, so that huge capabilities cannot overflow the total.
+    let largest = weights.iter().copied().fold(f64::MIN_POSITIVE, f64::max);
+    let total: f64 = weights.iter().map(|w| w / largest).sum();
+    let ideal: Vec<f64> = weights
+        .iter()
+        .map(|w| spare as f64 * (w / largest) / total)
+        .collect();
     let mut shares: Vec<usize> = ideal.iter().map(|x| 1 + x.floor() as usize).collect();
     let given: usize = shares.iter().sum();
     let mut order: Vec<usize> = (0..n).collect();
@@ -262,6 +267,8 @@ mod tests {
                 let shares = apportion(units, &weights);
                 assert_eq!(shares.iter().sum::<usize>(), units);
                 assert!(shares.iter().all(|&s| s >= 1));
+                let huge = vec![1e308; n];
+                assert_eq!(apportion(units, &huge).iter().sum::<usize>(), units);
             }
         }
     }

@@ -242,6 +242,11 @@ impl Tokenizer {
         self.add_bos
     }
 
+    /// How the vocabulary spells token `id` (a control token's name, say).
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+
     /// The id of a token spelled exactly `text` (a control token's name, say).
     pub fn token_id(&self, text: &str) -> Option<u32> {
         self.ids.get(text).copied()

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::gguf::Gguf;
 use crate::model::{Config, Layer, ModelError, load_layer};
+use crate::quant::GgmlType;
 use crate::shard::NodeShard;
 
 /// A loaded layer (or why it could not be), with its index.
@@ -35,6 +36,8 @@ pub(crate) struct LayerStream {
     loaded: Option<Mutex<Receiver<Loaded>>>,
     /// Bytes of the largest layer, for reporting.
     layer_bytes: usize,
+    /// The type of Wo (whether a shard's head boundaries must fall on blocks).
+    wo_type: GgmlType,
 }
 
 impl LayerStream {
@@ -42,9 +45,9 @@ impl LayerStream {
     pub(crate) fn start(gguf: Arc<Gguf>, config: Config, shard: NodeShard, window: usize) -> Self {
         let window = window.max(1);
         let head_dim = config.head_dim;
-        let layer_bytes = load_layer(&gguf, &config, 0)
-            .map(|l| l.select(&shard, head_dim).size_bytes())
-            .unwrap_or(0);
+        let first = load_layer(&gguf, &config, 0).ok();
+        let wo_type = first.as_ref().map_or(GgmlType::F32, |l| l.wo.ty());
+        let layer_bytes = first.map_or(0, |l| l.select(&shard, head_dim).size_bytes());
         let loaded = (window >= 2).then(|| {
             let (tx, rx) = sync_channel(window - 2);
             let (gguf, config, shard) = (gguf.clone(), config.clone(), shard.clone());
@@ -61,6 +64,7 @@ impl LayerStream {
             // A loader thread that could not start: read on demand instead.
             loaded: loaded.and_then(Result::ok),
             layer_bytes,
+            wo_type,
         }
     }
 
@@ -94,6 +98,11 @@ impl LayerStream {
     fn read(&self, index: usize) -> Result<Layer, ModelError> {
         load_layer(&self.gguf, &self.config, index)
             .map(|l| l.select(&self.shard, self.config.head_dim))
+    }
+
+    /// The type of Wo.
+    pub(crate) fn wo_type(&self) -> GgmlType {
+        self.wo_type
     }
 
     /// Bytes of a full window of layers.

@@ -37,6 +37,7 @@
 
 pub mod chat;
 pub mod collective;
+pub mod engine;
 pub mod gguf;
 pub mod matmul;
 pub mod model;

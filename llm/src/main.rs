@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -12,9 +13,10 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cleave_llm::chat::{ChatTemplate, Message};
+use cleave_llm::engine::{Limits, LocalDecoder, generate};
 use cleave_llm::gguf::{Gguf, Value};
 use cleave_llm::model::{Model, argmax};
-use cleave_llm::tokenizer::{Tokenizer, Utf8Stream};
+use cleave_llm::tokenizer::Tokenizer;
 
 /// Tensor-parallel LLM inference across edge nodes, from GGUF files.
 #[derive(Debug, Parser)]
@@ -81,7 +83,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Inspect { file, tensors } => inspect(&file, tensors),
-        Command::Run(args) => generate(&args),
+        Command::Run(args) => run_alone(&args),
     }
 }
 
@@ -168,7 +170,7 @@ fn show(value: &Value) -> String {
     }
 }
 
-fn generate(args: &RunArgs) -> anyhow::Result<ExitCode> {
+fn run_alone(args: &RunArgs) -> anyhow::Result<ExitCode> {
     if args.threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(args.threads)
@@ -202,47 +204,45 @@ fn generate(args: &RunArgs) -> anyhow::Result<ExitCode> {
     for (text, parse_special) in &pieces {
         prompt.extend(tokenizer.encode(text, *parse_special));
     }
-    anyhow::ensure!(!prompt.is_empty(), "the prompt is empty");
-    let mut cache = model.new_cache(prompt.len() + args.max_tokens);
-    let started = Instant::now();
-    let mut logits = Vec::new();
-    for &token in &prompt {
-        logits = model.forward(token, &mut cache)?;
-    }
-    let first_token_s = started.elapsed().as_secs_f64();
-    let mut generated = Vec::new();
-    let mut stream = Utf8Stream::default();
+    let weight_bytes = model.weight_bytes();
+    let mut decoder = LocalDecoder::new(model, prompt.len() + args.max_tokens + 1);
+    let limits = Limits {
+        max_tokens: args.max_tokens,
+        stop: Vec::new(),
+    };
     let mut out = std::io::stdout().lock();
-    let decoding = Instant::now();
-    while generated.len() < args.max_tokens {
-        let next = argmax(&logits);
-        if Some(next) == tokenizer.eos() {
-            break;
-        }
-        generated.push(next);
-        let mut bytes = Vec::new();
-        tokenizer.piece(next, true, &mut bytes);
-        write!(out, "{}", stream.push(&bytes))?;
-        out.flush()?;
-        if generated.len() == args.max_tokens {
-            break;
-        }
-        logits = model.forward(next, &mut cache)?;
+    let mut failed_write = None;
+    let outcome = generate(
+        &mut decoder,
+        &tokenizer,
+        &prompt,
+        &limits,
+        &mut |logits| argmax(logits),
+        &mut |text| match write!(out, "{text}").and_then(|()| out.flush()) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(error) => {
+                failed_write = Some(error);
+                ControlFlow::Break(())
+            }
+        },
+    )?;
+    if let Some(error) = failed_write {
+        return Err(error).context("writing the answer");
     }
-    writeln!(out, "{}", stream.finish())?;
+    writeln!(out)?;
     if args.print_ids {
-        writeln!(out, "{generated:?}")?;
+        writeln!(out, "{:?}", outcome.tokens)?;
     }
-    let decode_s = decoding.elapsed().as_secs_f64();
+    let decode_s = outcome.decoding.as_secs_f64();
     eprintln!(
         "{} weights ({:.1} MB) loaded in {load_s:.2} s; prompt {} tokens, first token after \
          {:.1} ms; {} tokens in {decode_s:.2} s ({:.1} tokens/s) on {} threads",
         args.model.display(),
-        model.weight_bytes() as f64 / 1e6,
+        weight_bytes as f64 / 1e6,
         prompt.len(),
-        first_token_s * 1e3,
-        generated.len(),
-        generated.len() as f64 / decode_s.max(1e-9),
+        outcome.first_token.as_secs_f64() * 1e3,
+        outcome.tokens.len(),
+        outcome.tokens.len() as f64 / decode_s.max(1e-9),
         rayon::current_num_threads()
     );
     Ok(ExitCode::SUCCESS)

@@ -578,6 +578,19 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Most tokens this cache holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Empties the cache for a new sequence, keeping its memory.
+    pub fn clear(&mut self) {
+        self.len = 0;
+        for layer in self.keys.iter_mut().chain(&mut self.values) {
+            layer.clear();
+        }
+    }
 }
 
 /// Buffers reused across tokens.

@@ -11,6 +11,7 @@ use minijinja::{Environment, Error, ErrorKind, context};
 use serde::Serialize;
 
 use crate::gguf::{Gguf, GgufError};
+use crate::tokenizer::Tokenizer;
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -147,6 +148,46 @@ impl ChatTemplate {
         pieces.retain(|(text, _)| !text.is_empty());
         Ok(pieces)
     }
+}
+
+impl ChatTemplate {
+    /// The token ids of the prompt for `messages` (the template's control tokens parsed,
+    /// the contents as plain text), after BOS when the tokenizer adds one, ready for the
+    /// assistant's answer.
+    ///
+    /// # Errors
+    ///
+    /// As [`ChatTemplate::render`].
+    pub fn prompt_ids(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &[Message],
+    ) -> Result<Vec<u32>, ChatError> {
+        let name = |id: Option<u32>| id.and_then(|id| tokenizer.token_text(id)).unwrap_or("");
+        let (bos, eos) = (name(tokenizer.bos()), name(tokenizer.eos()));
+        let pieces = self.render_pieces(messages, true, bos, eos)?;
+        let mut ids: Vec<u32> = tokenizer
+            .bos()
+            .filter(|_| tokenizer.adds_bos())
+            .into_iter()
+            .collect();
+        for (text, parse_special) in &pieces {
+            ids.extend(tokenizer.encode(text, *parse_special));
+        }
+        Ok(ids)
+    }
+}
+
+/// The token ids of `text` as a prompt to complete: after BOS when the tokenizer adds one,
+/// no control tokens parsed.
+pub fn text_prompt_ids(tokenizer: &Tokenizer, text: &str) -> Vec<u32> {
+    let mut ids: Vec<u32> = tokenizer
+        .bos()
+        .filter(|_| tokenizer.adds_bos())
+        .into_iter()
+        .collect();
+    ids.extend(tokenizer.encode(text, false));
+    ids
 }
 
 /// A marker no chat message contains (private-use code points around the index).

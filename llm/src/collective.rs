@@ -73,12 +73,62 @@ impl Link {
         Ok(Self { rank, peer, stream })
     }
 
-    fn send(&mut self, frame: &Frame) -> Result<(), CollectiveError> {
+    /// The peer's rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Sends `frame`.
+    ///
+    /// # Errors
+    ///
+    /// [`CollectiveError::Peer`] naming the peer.
+    pub fn send(&mut self, frame: &Frame) -> Result<(), CollectiveError> {
         write_frame(&mut self.stream, frame).map_err(|e| self.failed(e.into()))
     }
 
-    fn receive(&mut self) -> Result<Frame, CollectiveError> {
+    /// Receives a frame.
+    ///
+    /// # Errors
+    ///
+    /// [`CollectiveError::Peer`] naming the peer.
+    pub fn receive(&mut self) -> Result<Frame, CollectiveError> {
         read_frame(&mut self.stream, DEFAULT_MAX_FRAME).map_err(|e| self.failed(e))
+    }
+
+    /// The same connection, known as the node of `rank` (ranks are given once a cluster
+    /// knows which nodes answered).
+    pub fn with_rank(mut self, rank: usize) -> Self {
+        self.rank = rank;
+        self
+    }
+
+    /// Closes the connection both ways, so that the peer's reads end now (best effort).
+    pub fn close(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Bounds each read by `timeout` from now on (`None`: wait for ever).
+    ///
+    /// # Errors
+    ///
+    /// Setting the socket option failed.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.stream.set_read_timeout(timeout)
+    }
+
+    /// An error naming this peer for a protocol violation.
+    pub fn protocol(&self, reason: String) -> CollectiveError {
+        CollectiveError::Protocol {
+            rank: self.rank,
+            peer: self.peer.clone(),
+            reason,
+        }
     }
 
     fn failed(&self, source: WireError) -> CollectiveError {
@@ -89,34 +139,18 @@ impl Link {
         }
     }
 
-    fn protocol(&self, reason: String) -> CollectiveError {
-        CollectiveError::Protocol {
-            rank: self.rank,
-            peer: self.peer.clone(),
-            reason,
-        }
-    }
-
     /// The vector of a frame of the expected kind, decoded into `out`.
-    fn expect(&self, frame: Frame, sum: bool, out: &mut [f32]) -> Result<(), CollectiveError> {
+    fn expect(&self, frame: Frame, sum: bool, out: &mut [f64]) -> Result<(), CollectiveError> {
         let vector = match (frame, sum) {
             (Frame::Sum(v), true) | (Frame::Partial(v), false) => v,
             (Frame::Error(why), _) => return Err(self.protocol(format!("failed: {why}"))),
             (other, _) => {
-                return Err(self.protocol(format!("unexpected frame {}", kind(&other))));
+                return Err(self.protocol(format!("unexpected frame {}", other.name())));
             }
         };
         vector
             .decode_into(out)
             .map_err(|e| self.protocol(e.to_string()))
-    }
-}
-
-fn kind(frame: &Frame) -> &'static str {
-    match frame {
-        Frame::Partial(_) => "partial",
-        Frame::Sum(_) => "sum",
-        Frame::Error(_) => "error",
     }
 }
 
@@ -136,7 +170,7 @@ pub struct Traffic {
 pub struct StarMaster {
     workers: Vec<Link>,
     encoding: Encoding,
-    scratch: Vec<f32>,
+    scratch: Vec<f64>,
     traffic: Traffic,
 }
 
@@ -156,11 +190,11 @@ impl StarMaster {
     /// # Errors
     ///
     /// [`CollectiveError`] naming the first worker that failed.
-    pub fn all_reduce(&mut self, part: &mut [f32]) -> Result<(), CollectiveError> {
+    pub fn all_reduce(&mut self, part: &mut [f64]) -> Result<(), CollectiveError> {
         self.scratch.resize(part.len(), 0.0);
         for link in &mut self.workers {
             let frame = link.receive()?;
-            self.traffic.received += 4 + frame_bytes(&frame) as u64;
+            self.traffic.received += frame.wire_bytes() as u64;
             link.expect(frame, false, &mut self.scratch)?;
             part.iter_mut()
                 .zip(&self.scratch)
@@ -173,7 +207,7 @@ impl StarMaster {
         let frame = Frame::Sum(sum);
         for link in &mut self.workers {
             link.send(&frame)?;
-            self.traffic.sent += 4 + frame_bytes(&frame) as u64;
+            self.traffic.sent += frame.wire_bytes() as u64;
         }
         self.traffic.reductions += 1;
         Ok(())
@@ -182,6 +216,11 @@ impl StarMaster {
     /// Bytes moved so far.
     pub fn traffic(&self) -> Traffic {
         self.traffic
+    }
+
+    /// The links to the workers, rank order.
+    pub fn links(&mut self) -> &mut [Link] {
+        &mut self.workers
     }
 }
 
@@ -208,15 +247,20 @@ impl StarWorker {
     /// # Errors
     ///
     /// [`CollectiveError`].
-    pub fn all_reduce(&mut self, part: &mut [f32]) -> Result<(), CollectiveError> {
+    pub fn all_reduce(&mut self, part: &mut [f64]) -> Result<(), CollectiveError> {
         let frame = Frame::Partial(Vector::encode(part, self.encoding));
         self.master.send(&frame)?;
-        self.traffic.sent += 4 + frame_bytes(&frame) as u64;
+        self.traffic.sent += frame.wire_bytes() as u64;
         let answer = self.master.receive()?;
-        self.traffic.received += 4 + frame_bytes(&answer) as u64;
+        self.traffic.received += answer.wire_bytes() as u64;
         self.master.expect(answer, true, part)?;
         self.traffic.reductions += 1;
         Ok(())
+    }
+
+    /// The link to the master.
+    pub fn link(&mut self) -> &mut Link {
+        &mut self.master
     }
 
     /// Tells the master this worker failed (best effort).
@@ -243,7 +287,7 @@ pub struct MeshNode {
     /// One per other node, in rank order.
     peers: Vec<Link>,
     encoding: Encoding,
-    received: Vec<Vec<f32>>,
+    received: Vec<Vec<f64>>,
     traffic: Traffic,
 }
 
@@ -266,7 +310,7 @@ impl MeshNode {
     ///
     /// [`CollectiveError`] naming the first peer that failed, or a vector too large to
     /// send before reading ([`MESH_MAX_FRAME`]).
-    pub fn all_reduce(&mut self, part: &mut [f32]) -> Result<(), CollectiveError> {
+    pub fn all_reduce(&mut self, part: &mut [f64]) -> Result<(), CollectiveError> {
         let mine = Vector::encode(part, self.encoding);
         if mine.wire_bytes() > MESH_MAX_FRAME {
             let first = self.peers.first().map_or(self.rank, |p| p.rank);
@@ -290,12 +334,12 @@ impl MeshNode {
         let frame = Frame::Partial(mine);
         for link in &mut self.peers {
             link.send(&frame)?;
-            self.traffic.sent += 4 + frame_bytes(&frame) as u64;
+            self.traffic.sent += frame.wire_bytes() as u64;
         }
         self.received.resize_with(self.peers.len(), Vec::new);
         for (link, into) in self.peers.iter_mut().zip(&mut self.received) {
             let frame = link.receive()?;
-            self.traffic.received += 4 + frame_bytes(&frame) as u64;
+            self.traffic.received += frame.wire_bytes() as u64;
             into.resize(part.len(), 0.0);
             link.expect(frame, false, into)?;
         }
@@ -325,15 +369,8 @@ impl MeshNode {
     }
 }
 
-fn add_into(sum: &mut [f32], values: &[f32]) {
+fn add_into(sum: &mut [f64], values: &[f64]) {
     sum.iter_mut().zip(values).for_each(|(s, v)| *s += v);
-}
-
-fn frame_bytes(frame: &Frame) -> usize {
-    match frame {
-        Frame::Partial(v) | Frame::Sum(v) => 1 + v.wire_bytes(),
-        Frame::Error(why) => 1 + why.len(),
-    }
 }
 
 /// A master and `workers` workers connected on loopback (for tests of the cluster).
@@ -398,13 +435,13 @@ mod tests {
 
     #[test]
     fn every_node_ends_with_the_same_sum() {
-        for encoding in [Encoding::F32, Encoding::Q8_0] {
+        for encoding in [Encoding::F64, Encoding::F32, Encoding::Q8_0] {
             let (mut master, workers) = loopback_star(3, encoding);
-            let parts: Vec<Vec<f32>> = (0..4)
-                .map(|r| (0..64).map(|i| (i * (r + 1)) as f32 / 50.0).collect())
+            let parts: Vec<Vec<f64>> = (0..4)
+                .map(|r| (0..64).map(|i| f64::from(i * (r + 1)) / 50.0).collect())
                 .collect();
-            let exact: Vec<f32> = (0..64).map(|i| parts.iter().map(|p| p[i]).sum()).collect();
-            let results: Vec<Vec<f32>> = std::thread::scope(|scope| {
+            let exact: Vec<f64> = (0..64).map(|i| parts.iter().map(|p| p[i]).sum()).collect();
+            let results: Vec<Vec<f64>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = workers
                     .into_iter()
                     .zip(&parts[1..])
@@ -426,15 +463,19 @@ mod tests {
             for r in &results {
                 assert_eq!(r, &results[0], "{encoding:?}: nodes disagree");
             }
-            let tolerance = if encoding == Encoding::F32 { 1e-5 } else { 0.1 };
+            let tolerance = match encoding {
+                Encoding::F64 => 1e-12,
+                Encoding::F32 => 1e-5,
+                Encoding::Q8_0 => 0.1,
+            };
             for (a, b) in results[0].iter().zip(&exact) {
                 assert!((a - b).abs() <= tolerance, "{encoding:?}: {a} vs {b}");
             }
             let traffic = master.traffic();
-            let per = if encoding == Encoding::F32 {
-                4 + 1 + 5 + 256
-            } else {
-                4 + 1 + 5 + 68
+            let per = match encoding {
+                Encoding::F64 => 4 + 1 + 5 + 512,
+                Encoding::F32 => 4 + 1 + 5 + 256,
+                Encoding::Q8_0 => 4 + 1 + 5 + 68,
             };
             assert_eq!((traffic.sent, traffic.received), (3 * per, 3 * per));
         }
@@ -442,17 +483,17 @@ mod tests {
 
     #[test]
     fn every_mesh_node_ends_with_the_same_sum() {
-        for encoding in [Encoding::F32, Encoding::Q8_0] {
+        for encoding in [Encoding::F64, Encoding::F32, Encoding::Q8_0] {
             let nodes = loopback_mesh(4, encoding);
-            let parts: Vec<Vec<f32>> = (0..4)
+            let parts: Vec<Vec<f64>> = (0..4)
                 .map(|r| {
                     (0..64)
-                        .map(|i| ((i * (r + 3)) % 17) as f32 / 9.0 - 0.8)
+                        .map(|i| f64::from((i * (r + 3)) % 17) / 9.0 - 0.8)
                         .collect()
                 })
                 .collect();
-            let exact: Vec<f32> = (0..64).map(|i| parts.iter().map(|p| p[i]).sum()).collect();
-            let results: Vec<(Vec<f32>, Traffic)> = std::thread::scope(|scope| {
+            let exact: Vec<f64> = (0..64).map(|i| parts.iter().map(|p| p[i]).sum()).collect();
+            let results: Vec<(Vec<f64>, Traffic)> = std::thread::scope(|scope| {
                 let handles: Vec<_> = nodes
                     .into_iter()
                     .zip(&parts)
@@ -469,18 +510,18 @@ mod tests {
             for (r, _) in &results {
                 assert_eq!(r, &results[0].0, "{encoding:?}: nodes disagree");
             }
-            let tolerance = if encoding == Encoding::F32 {
-                1e-5
-            } else {
-                0.05
+            let tolerance = match encoding {
+                Encoding::F64 => 1e-12,
+                Encoding::F32 => 1e-5,
+                Encoding::Q8_0 => 0.05,
             };
             for (a, b) in results[0].0.iter().zip(&exact) {
                 assert!((a - b).abs() <= tolerance, "{encoding:?}: {a} vs {b}");
             }
-            let per = if encoding == Encoding::F32 {
-                4 + 1 + 5 + 256
-            } else {
-                4 + 1 + 5 + 68
+            let per = match encoding {
+                Encoding::F64 => 4 + 1 + 5 + 512,
+                Encoding::F32 => 4 + 1 + 5 + 256,
+                Encoding::Q8_0 => 4 + 1 + 5 + 68,
             };
             assert_eq!(results[0].1.sent, 3 * per);
         }

@@ -36,6 +36,7 @@
 //! ```
 
 pub mod chat;
+pub mod cluster;
 pub mod collective;
 pub mod engine;
 pub mod gguf;
@@ -43,6 +44,7 @@ pub mod matmul;
 pub mod model;
 pub mod quant;
 pub mod shard;
+pub mod shard_file;
 pub mod tokenizer;
 mod window;
 pub mod wire;

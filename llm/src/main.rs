@@ -1,7 +1,10 @@
 //! `cleave-llm`: the command line of the tensor-parallel LLM runtime.
 //!
 //! `inspect` shows what a GGUF file holds; `run` generates on this node alone (greedy), the
-//! reference the tensor-parallel cluster must match token for token.
+//! reference the tensor-parallel cluster must match token for token; `worker`, `master` and
+//! `chat` ([`serve`]) run a cluster.
+
+mod serve;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -12,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use cleave_llm::chat::{ChatTemplate, Message};
+use cleave_llm::chat::{ChatTemplate, Message, text_prompt_ids};
 use cleave_llm::engine::{Limits, LocalDecoder, generate};
 use cleave_llm::gguf::{Gguf, Value};
 use cleave_llm::model::{Model, argmax};
@@ -40,6 +43,14 @@ enum Command {
     /// Generates text on this node alone, greedily (the most likely token each step), and
     /// prints it as it comes; timings go to stderr.
     Run(RunArgs),
+    /// Serves as a worker of a cluster: waits for a master, takes the shard it sends (or
+    /// finds it cached by hash), and computes its part of every layer on command.
+    Worker(serve::WorkerArgs),
+    /// Forms a cluster with the workers (or runs alone) and answers: the prompts given
+    /// with --prompt, or the OpenAI-compatible HTTP API.
+    Master(serve::MasterArgs),
+    /// Forms a cluster with the workers (or runs alone) and chats on this terminal.
+    Chat(serve::ChatArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,6 +95,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Inspect { file, tensors } => inspect(&file, tensors),
         Command::Run(args) => run_alone(&args),
+        Command::Worker(args) => serve::worker(&args).map(|()| ExitCode::SUCCESS),
+        Command::Master(args) => serve::master(&args).map(|()| ExitCode::SUCCESS),
+        Command::Chat(args) => serve::chat(&args).map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -187,23 +201,12 @@ fn run_alone(args: &RunArgs) -> anyhow::Result<ExitCode> {
         Model::load(&gguf)?
     };
     let load_s = loading.elapsed().as_secs_f64();
-    // The template's text is parsed for control tokens; the user's is not.
-    let pieces = if args.chat {
-        let template = ChatTemplate::from_gguf(&gguf)?;
-        let user = [Message::new("user", &args.prompt)];
-        let name = |id: Option<u32>| id.and_then(|id| tokenizer.token_text(id)).unwrap_or("");
-        let (bos, eos) = (name(tokenizer.bos()), name(tokenizer.eos()));
-        template.render_pieces(&user, true, bos, eos)?
+    let prompt = if args.chat {
+        ChatTemplate::from_gguf(&gguf)?
+            .prompt_ids(&tokenizer, &[Message::new("user", &args.prompt)])?
     } else {
-        vec![(args.prompt.clone(), false)]
+        text_prompt_ids(&tokenizer, &args.prompt)
     };
-    let mut prompt = Vec::new();
-    if tokenizer.adds_bos() {
-        prompt.extend(tokenizer.bos());
-    }
-    for (text, parse_special) in &pieces {
-        prompt.extend(tokenizer.encode(text, *parse_special));
-    }
     let weight_bytes = model.weight_bytes();
     let mut decoder = LocalDecoder::new(model, prompt.len() + args.max_tokens + 1);
     let limits = Limits {

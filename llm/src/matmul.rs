@@ -10,6 +10,15 @@
 //! Q4_0 2 (34 → 36, 18 → 20). The activation vector is quantized once per product to 8-bit
 //! blocks of 32 with one f32 scale each (what llama.cpp calls Q8_0/Q8_1), and each block's
 //! dot product is an i32 sum of byte products, scaled once.
+//!
+//! **Exact sums** ([`QMatrix::matvec_exact`]). The matrices whose columns a cluster splits
+//! (Wo and Wdown) give partial sums that the nodes add up. Float addition is not
+//! associative, so a cluster adding partials would not compute what one node computes in
+//! one pass, and the next layer's 8-bit quantization turns a last-bit difference into a
+//! whole step now and then. Instead each 32-value block's contribution is computed in f32
+//! (the same on every node: it depends on that block alone), put on a grid of 2⁻³² in f64,
+//! and added in f64: sums of grid values below 2²¹ are exact, so any split, in any order,
+//! gives the same bits.
 
 use rayon::prelude::*;
 
@@ -297,6 +306,99 @@ impl QMatrix {
     }
 }
 
+/// Every term of an exact sum is rounded to a multiple of 2^-`EXACT_GRID_BITS`.
+pub const EXACT_GRID_BITS: u32 = 32;
+
+/// Adding then subtracting this rounds an f64 below 2^19 in magnitude to the grid (half
+/// to even): at 1.5·2^20 the spacing of f64 values is 2^-32.
+const GRID_ROUNDER: f64 = 1_572_864.0; // 1.5 · 2^20
+
+const _: () = assert!(GRID_ROUNDER == 1.5 * (1u64 << (52 - EXACT_GRID_BITS)) as f64);
+
+/// `term` on the grid of exact sums.
+fn on_grid(term: f32) -> f64 {
+    (f64::from(term) + GRID_ROUNDER) - GRID_ROUNDER
+}
+
+impl QMatrix {
+    /// `out = self · x` with exact sums (see the module's notes): `out[r]` is the sum, on
+    /// the grid of 2⁻³², of each block's f32 contribution (of each product, for F32 and F16
+    /// weights), so that the sums of a column split add up to the whole product bit for bit.
+    ///
+    /// # Panics
+    ///
+    /// If `x` is not `cols` long or `out` not `rows` long.
+    pub fn matvec_exact(&self, x: &[f32], out: &mut [f64]) {
+        assert_eq!(x.len(), self.cols, "input length");
+        assert_eq!(out.len(), self.rows, "output length");
+        match &self.weights {
+            Weights::Dense(values) => out
+                .par_iter_mut()
+                .with_min_len(16)
+                .zip(values.par_chunks_exact(self.cols))
+                // Unquantized columns may be split anywhere: each product is a term.
+                .for_each(|(o, row)| *o = row.iter().zip(x).map(|(w, v)| on_grid(w * v)).sum()),
+            Weights::Blocks {
+                scales,
+                mins,
+                quants,
+            } => {
+                let a = Q8Vector::new(x);
+                let per_row = self.cols / BLOCK;
+                let qb = quant_bytes(self.ty);
+                let ty = self.ty;
+                out.par_iter_mut()
+                    .with_min_len(16)
+                    .enumerate()
+                    .for_each(|(r, o)| {
+                        let blocks = r * per_row..(r + 1) * per_row;
+                        let q = &quants[blocks.start * qb..blocks.end * qb];
+                        let d = &scales[blocks.clone()];
+                        let mins = (ty == GgmlType::Q4_1).then(|| &mins[blocks]);
+                        *o = exact_blocks(d, mins, &a, |b| block_int(ty, q, &a, b));
+                    });
+            }
+        }
+    }
+}
+
+/// The integer dot product of block `b` of a row's values `q` with the activations.
+fn block_int(ty: GgmlType, q: &[u8], a: &Q8Vector, b: usize) -> i32 {
+    let x = &a.quants[b * 32..b * 32 + 32];
+    match ty {
+        GgmlType::Q8_0 => q[b * 32..b * 32 + 32]
+            .iter()
+            .zip(x)
+            .map(|(&w, &x)| i32::from(w.cast_signed()) * i32::from(x))
+            .sum(),
+        GgmlType::Q4_0 => {
+            let xsum: i32 = x.iter().map(|&v| i32::from(v)).sum();
+            nibble_dot(&q[b * 16..b * 16 + 16], x) - 8 * xsum
+        }
+        _ => nibble_dot(&q[b * 16..b * 16 + 16], x),
+    }
+}
+
+/// `Σ_b grid(d_w[b] · d_x[b] · int(b) (+ m_w[b] · d_x[b] Σ q_x))`, in f64.
+fn exact_blocks(d: &[f32], mins: Option<&[f32]>, a: &Q8Vector, int: impl Fn(usize) -> i32) -> f64 {
+    let mut total = 0.0;
+    let mut lanes = [0.0f64; GROUP];
+    for (g, dw) in d.chunks(GROUP).enumerate() {
+        let first = g * GROUP;
+        for (i, (lane, &w)) in lanes.iter_mut().zip(dw).enumerate() {
+            let b = first + i;
+            let mut term = w * a.scales[b] * int(b) as f32;
+            if let Some(m) = mins {
+                term += m[b] * a.sums[b];
+            }
+            *lane = on_grid(term);
+        }
+        // Grid values: the order of these additions does not matter.
+        total += lanes[..dw.len()].iter().sum::<f64>();
+    }
+    total
+}
+
 /// Bytes of values per block in the repacked layout.
 fn quant_bytes(ty: GgmlType) -> usize {
     match ty {
@@ -519,6 +621,65 @@ mod tests {
                 .flat_map(|r| r[32..96].to_vec())
                 .collect();
             assert_eq!(dense(&cols_32_96), expected, "{ty}");
+        }
+    }
+
+    /// The exact product of a column split adds up, in any order, to the whole product
+    /// bit for bit; and it is the ordinary product up to f32 rounding.
+    #[test]
+    fn exact_sums_of_column_slices_equal_the_whole_bit_for_bit() {
+        let (rows, cols) = (9, 320);
+        let weights: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                (((i * 7919) % 1013) as f32 / 506.0 - 1.0) * if i % 5 == 0 { 40.0 } else { 0.3 }
+            })
+            .collect();
+        let x: Vec<f32> = (0..cols)
+            .map(|i| {
+                (((i * 104_729) % 977) as f32 / 488.0 - 1.0) * if i % 7 == 0 { 9.0 } else { 0.01 }
+            })
+            .collect();
+        for ty in GgmlType::ALL {
+            let mut bytes = Vec::new();
+            quantize(ty, &weights, &mut bytes).unwrap();
+            let matrix = QMatrix::new(ty, rows, cols, bytes).unwrap();
+            let mut whole = vec![0.0f64; rows];
+            matrix.matvec_exact(&x, &mut whole);
+            let mut plain = vec![0.0f32; rows];
+            matrix.matvec(&x, &mut plain);
+            for (e, p) in whole.iter().zip(&plain) {
+                assert!(
+                    (*e as f32 - p).abs() <= 1e-4 * (1.0 + p.abs()),
+                    "{ty}: {e} vs {p}"
+                );
+            }
+            for cuts in [
+                vec![0, 32, 320],
+                vec![0, 96, 160, 288, 320],
+                vec![0, 64, 128, 192, 256, 320],
+            ] {
+                let parts: Vec<Vec<f64>> = cuts
+                    .windows(2)
+                    .map(|w| {
+                        let mut part = vec![0.0f64; rows];
+                        matrix
+                            .select_cols(w[0]..w[1])
+                            .matvec_exact(&x[w[0]..w[1]], &mut part);
+                        part
+                    })
+                    .collect();
+                for order in [false, true] {
+                    let mut sum = vec![0.0f64; rows];
+                    let mut list: Vec<&Vec<f64>> = parts.iter().collect();
+                    if order {
+                        list.reverse();
+                    }
+                    for part in list {
+                        sum.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+                    }
+                    assert_eq!(sum, whole, "{ty} {cuts:?} reversed: {order}");
+                }
+            }
         }
     }
 

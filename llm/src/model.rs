@@ -17,6 +17,7 @@
 
 use crate::gguf::{Gguf, GgufError};
 use crate::matmul::{QMatrix, ShapeMismatch};
+use crate::quant::GgmlType;
 use crate::shard::NodeShard;
 use crate::window::LayerStream;
 
@@ -115,12 +116,16 @@ impl Config {
             Err(GgufError::MissingKey { .. }) => Ok(default as f32),
             Err(e) => Err(ModelError::from(e)),
         };
-        let vocab = gguf
-            .tensor("token_embd.weight")?
-            .dims
-            .get(1)
-            .and_then(|&v| usize::try_from(v).ok())
-            .unwrap_or(0);
+        // A worker's shard file has no embedding; it carries the size instead.
+        let vocab = match gguf.tensor("token_embd.weight") {
+            Ok(info) => info
+                .dims
+                .get(1)
+                .and_then(|&v| usize::try_from(v).ok())
+                .unwrap_or(0),
+            Err(GgufError::NoTensor(_)) => size("llama.vocab_size")?,
+            Err(e) => return Err(e.into()),
+        };
         Ok(Self {
             layers,
             hidden,
@@ -170,41 +175,143 @@ pub struct Model {
     config: Config,
     /// What this model computes of each layer (everything, unless it is a shard).
     shard: NodeShard,
-    embedding: QMatrix,
+    /// `None` on a worker: only the master turns tokens into vectors and back.
+    head: Option<Head>,
     layers: Layers,
+}
+
+/// The parts of a model outside its layers: the token embedding, the final norm and the
+/// output head. The master keeps them, so the prompt and the answer never leave it.
+#[derive(Debug, Clone)]
+struct Head {
+    embedding: QMatrix,
     output_norm: Vec<f32>,
     /// `None`: tied to the embedding.
     output: Option<QMatrix>,
 }
 
+impl Head {
+    /// The head of `gguf`, or `None` if it has no embedding (a worker's shard file).
+    fn load(gguf: &Gguf, c: &Config) -> Result<Option<Self>, ModelError> {
+        match gguf.tensor("token_embd.weight") {
+            Ok(_) => {}
+            Err(GgufError::NoTensor(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let output = match gguf.tensor("output.weight") {
+            Ok(_) => Some(load_matrix(gguf, "output.weight", c.vocab, c.hidden)?),
+            Err(GgufError::NoTensor(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some(Self {
+            embedding: load_matrix(gguf, "token_embd.weight", c.vocab, c.hidden)?,
+            output_norm: load_vector(gguf, "output_norm.weight", c.hidden)?,
+            output,
+        }))
+    }
+
+    fn size_bytes(&self) -> usize {
+        self.embedding.size_bytes()
+            + self.output.as_ref().map_or(0, QMatrix::size_bytes)
+            + 4 * self.output_norm.len()
+    }
+}
+
+/// The metadata keys of a shard file: which part of every layer it holds, as
+/// `[start, end)` pairs of query heads, KV heads and FFN dimensions.
+pub const SHARD_KEYS: [&str; 3] = [
+    "cleave.shard.heads",
+    "cleave.shard.kv_heads",
+    "cleave.shard.ffn",
+];
+
+/// What part of each layer `gguf` holds: all of it, or the shard its `cleave.shard.*` keys
+/// name (a file the master wrote for a worker).
+///
+/// # Errors
+///
+/// [`ModelError::Unsupported`] for shard keys that are malformed or outside the model.
+pub fn stored_shard(gguf: &Gguf, c: &Config) -> Result<NodeShard, ModelError> {
+    let full = NodeShard {
+        heads: 0..c.heads,
+        kv_heads: 0..c.kv_heads,
+        ffn: 0..c.ffn,
+    };
+    if gguf.get(SHARD_KEYS[0]).is_err() {
+        return Ok(full);
+    }
+    let range = |key: &str, most: usize| -> Result<std::ops::Range<usize>, ModelError> {
+        let bad =
+            || ModelError::Unsupported(format!("{key}: not a [start, end) pair within 0..{most}"));
+        let items = gguf.get_array(key)?;
+        let [start, end] = items else {
+            return Err(bad());
+        };
+        let as_usize = |v: &crate::gguf::Value| v.as_u64().and_then(|v| usize::try_from(v).ok());
+        match (as_usize(start), as_usize(end)) {
+            (Some(start), Some(end)) if start < end && end <= most => Ok(start..end),
+            _ => Err(bad()),
+        }
+    };
+    let shard = NodeShard {
+        heads: range(SHARD_KEYS[0], c.heads)?,
+        kv_heads: range(SHARD_KEYS[1], c.kv_heads)?,
+        ffn: range(SHARD_KEYS[2], c.ffn)?,
+    };
+    let group = c.heads / c.kv_heads;
+    if shard.kv_heads != (shard.heads.start / group..shard.heads.end.div_ceil(group)) {
+        return Err(ModelError::Unsupported(format!(
+            "the shard's KV heads {:?} are not the ones its query heads {:?} read",
+            shard.kv_heads, shard.heads
+        )));
+    }
+    Ok(shard)
+}
+
 impl Model {
-    /// Loads every weight of a llama-architecture file into memory.
+    /// Loads every weight of a llama-architecture file into memory (of a shard file: the
+    /// shard it holds, without an embedding or output head).
     ///
     /// # Errors
     ///
     /// [`ModelError`].
     pub fn load(gguf: &Gguf) -> Result<Self, ModelError> {
+        Self::load_part(gguf, None)
+    }
+
+    /// Loads the part of a whole model's file that `shard` computes, with the embedding and
+    /// output head, one layer at a time (so that the whole model is never in memory): the
+    /// master's share of a cluster. `None` loads what the file holds.
+    ///
+    /// # Errors
+    ///
+    /// As [`Model::load`]; as [`Model::select`] for a shard this file cannot give.
+    pub fn load_part(gguf: &Gguf, shard: Option<&NodeShard>) -> Result<Self, ModelError> {
         let config = Config::from_gguf(gguf)?;
         let c = &config;
-        let matrix = |name: &str, rows: usize, cols: usize| load_matrix(gguf, name, rows, cols);
-        let vector = |name: &str, len: usize| load_vector(gguf, name, len);
-        let layers = (0..c.layers)
-            .map(|i| load_layer(gguf, c, i))
-            .collect::<Result<Vec<_>, _>>()?;
-        let output = match gguf.tensor("output.weight") {
-            Ok(_) => Some(matrix("output.weight", c.vocab, c.hidden)?),
-            Err(GgufError::NoTensor(_)) => None,
-            Err(e) => return Err(e.into()),
+        let stored = stored_shard(gguf, c)?;
+        let first = load_layer(gguf, c, &stored, 0)?;
+        let compute = match shard {
+            Some(shard) if *shard != stored => {
+                check_selectable(c, &stored, first.wo.ty(), shard)?;
+                shard.clone()
+            }
+            _ => stored.clone(),
         };
+        let part = |layer: Layer| {
+            if compute == stored {
+                layer
+            } else {
+                layer.select(&compute, c.head_dim)
+            }
+        };
+        let mut layers = vec![part(first)];
+        for i in 1..c.layers {
+            layers.push(part(load_layer(gguf, c, &stored, i)?));
+        }
         Ok(Self {
-            shard: NodeShard {
-                heads: 0..c.heads,
-                kv_heads: 0..c.kv_heads,
-                ffn: 0..c.ffn,
-            },
-            embedding: matrix("token_embd.weight", c.vocab, c.hidden)?,
-            output_norm: vector("output_norm.weight", c.hidden)?,
-            output,
+            shard: compute,
+            head: Head::load(gguf, c)?,
             layers: Layers::Resident(layers),
             config,
         })
@@ -226,32 +333,21 @@ impl Model {
     ) -> Result<Self, ModelError> {
         let config = Config::from_gguf(&gguf)?;
         let c = &config;
-        let full = NodeShard {
-            heads: 0..c.heads,
-            kv_heads: 0..c.kv_heads,
-            ffn: 0..c.ffn,
-        };
+        let stored = stored_shard(&gguf, c)?;
         // The first layer now, so that a file that cannot be run fails here, not mid-step.
-        load_layer(&gguf, c, 0)?;
-        let output = match gguf.tensor("output.weight") {
-            Ok(_) => Some(load_matrix(&gguf, "output.weight", c.vocab, c.hidden)?),
-            Err(GgufError::NoTensor(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
-        let embedding = load_matrix(&gguf, "token_embd.weight", c.vocab, c.hidden)?;
-        let output_norm = load_vector(&gguf, "output_norm.weight", c.hidden)?;
-        let stream = LayerStream::start(gguf, config.clone(), full.clone(), window);
+        load_layer(&gguf, c, &stored, 0)?;
+        let head = Head::load(&gguf, c)?;
+        let stream =
+            LayerStream::start(gguf, config.clone(), stored.clone(), stored.clone(), window);
         let model = Self {
-            shard: full,
-            embedding,
-            output_norm,
-            output,
+            shard: stored,
+            head,
             layers: Layers::Streamed(stream),
             config,
         };
         match shard {
-            Some(shard) => model.select(&shard),
-            None => Ok(model),
+            Some(shard) if shard != model.shard => model.select(&shard),
+            _ => Ok(model),
         }
     }
 
@@ -267,10 +363,7 @@ impl Model {
             Layers::Resident(layers) => layers.iter().map(Layer::size_bytes).sum::<usize>(),
             Layers::Streamed(stream) => stream.window_bytes(),
         };
-        self.embedding.size_bytes()
-            + self.output.as_ref().map_or(0, QMatrix::size_bytes)
-            + 4 * self.output_norm.len()
-            + layers
+        self.head.as_ref().map_or(0, Head::size_bytes) + layers
     }
 
     /// What this model computes of each layer.
@@ -280,8 +373,8 @@ impl Model {
 
     /// The part of this model that `shard` computes: its rows of Wq, Wk, Wv, Wgate and
     /// Wup and its columns of Wo and Wdown, with the norms (every node applies them to the
-    /// replicated residual stream). The embedding and output head come along for now; a
-    /// worker on its own will not need them.
+    /// replicated residual stream). The embedding and output head come along (the master
+    /// needs them; a worker gets a shard file without them, see [`crate::shard_file`]).
     ///
     /// # Errors
     ///
@@ -290,38 +383,11 @@ impl Model {
     /// 32-value blocks of a quantized Wo (a head width that is not a multiple of 32).
     pub fn select(&self, shard: &NodeShard) -> Result<Self, ModelError> {
         let c = &self.config;
-        let whole = self.shard.heads == (0..c.heads) && self.shard.ffn == (0..c.ffn);
         let wo = match &self.layers {
-            Layers::Resident(layers) => layers.first().map(|l| l.wo.ty()),
-            Layers::Streamed(stream) => Some(stream.wo_type()),
+            Layers::Resident(layers) => layers.first().map_or(GgmlType::F32, |l| l.wo.ty()),
+            Layers::Streamed(stream) => stream.wo_type(),
         };
-        let blocks = wo.is_some_and(|ty| ty.block_values() > 1);
-        let q = shard.heads.start * c.head_dim..shard.heads.end * c.head_dim;
-        let problem = if !whole {
-            Some("this model is already a shard".to_string())
-        } else if shard.heads.end > c.heads
-            || shard.kv_heads.end > c.kv_heads
-            || shard.ffn.end > c.ffn
-            || shard.heads.is_empty()
-            || !shard.ffn.start.is_multiple_of(crate::quant::BLOCK)
-            || !shard.ffn.end.is_multiple_of(crate::quant::BLOCK)
-        {
-            Some(format!("the shard {shard:?} is not a shard of this model"))
-        } else if blocks
-            && !(q.start.is_multiple_of(crate::quant::BLOCK)
-                && q.end.is_multiple_of(crate::quant::BLOCK))
-        {
-            Some(format!(
-                "heads of {} values cut the 32-value blocks of the quantized Wo: this model \
-                 cannot be split between these heads",
-                c.head_dim
-            ))
-        } else {
-            None
-        };
-        if let Some(problem) = problem {
-            return Err(ModelError::Unsupported(problem));
-        }
+        check_selectable(c, &self.shard, wo, shard)?;
         let layers = match &self.layers {
             Layers::Resident(layers) => Layers::Resident(
                 layers
@@ -334,11 +400,15 @@ impl Model {
         Ok(Self {
             config: self.config.clone(),
             shard: shard.clone(),
-            embedding: self.embedding.clone(),
+            head: self.head.clone(),
             layers,
-            output_norm: self.output_norm.clone(),
-            output: self.output.clone(),
         })
+    }
+
+    /// Whether this model has the embedding and output head (the master's part; a
+    /// worker's shard file has neither).
+    pub fn has_head(&self) -> bool {
+        self.head.is_some()
     }
 
     /// An empty cache for this model (or shard) of up to `capacity` tokens.
@@ -355,15 +425,17 @@ impl Model {
     pub fn forward(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
         let mut x = self.embed(token)?;
         self.layers_forward(&mut x, cache, &mut |_| Ok(()))?;
-        Ok(self.logits(&x))
+        self.logits(&x)
     }
 
     /// The embedding of `token`: the residual stream a step starts from.
     ///
     /// # Errors
     ///
-    /// [`ModelError::Unsupported`] for a token outside the vocabulary.
+    /// [`ModelError::Unsupported`] for a token outside the vocabulary, or on a worker
+    /// (no embedding).
     pub fn embed(&self, token: u32) -> Result<Vec<f32>, ModelError> {
+        let head = self.head()?;
         let token = token as usize;
         if token >= self.config.vocab {
             return Err(ModelError::Unsupported(format!(
@@ -372,7 +444,7 @@ impl Model {
             )));
         }
         let mut x = Vec::with_capacity(self.config.hidden);
-        self.embedding.row_into(token, &mut x);
+        head.embedding.row_into(token, &mut x);
         Ok(x)
     }
 
@@ -388,7 +460,7 @@ impl Model {
         &self,
         x: &mut [f32],
         cache: &mut KvCache,
-        all_reduce: &mut dyn FnMut(&mut [f32]) -> Result<(), ModelError>,
+        all_reduce: &mut dyn FnMut(&mut [f64]) -> Result<(), ModelError>,
     ) -> Result<(), ModelError> {
         let c = &self.config;
         let pos = cache.len;
@@ -430,18 +502,18 @@ impl Model {
                 &mut s.scores,
                 &mut s.attn,
             );
-            layer.wo.matvec(&s.attn, &mut s.proj);
+            layer.wo.matvec_exact(&s.attn, &mut s.proj);
             all_reduce(&mut s.proj)?;
-            add(x, &s.proj);
+            add_exact(x, &s.proj);
             rms_norm(x, &layer.ffn_norm, c.norm_eps, &mut s.normed);
             layer.gate.matvec(&s.normed, &mut s.gate);
             layer.up.matvec(&s.normed, &mut s.up);
             for (g, u) in s.gate.iter_mut().zip(&s.up) {
                 *g = silu(*g) * u;
             }
-            layer.down.matvec(&s.gate, &mut s.proj);
+            layer.down.matvec_exact(&s.gate, &mut s.proj);
             all_reduce(&mut s.proj)?;
-            add(x, &s.proj);
+            add_exact(x, &s.proj);
         }
         cache.len += 1;
         Ok(())
@@ -449,15 +521,28 @@ impl Model {
 
     /// The logits of the token after the residual stream `x` (the final norm and the
     /// output head).
-    pub fn logits(&self, x: &[f32]) -> Vec<f32> {
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::Unsupported`] on a worker (no output head).
+    pub fn logits(&self, x: &[f32]) -> Result<Vec<f32>, ModelError> {
+        let head = self.head()?;
         let mut normed = vec![0.0; self.config.hidden];
-        rms_norm(x, &self.output_norm, self.config.norm_eps, &mut normed);
+        rms_norm(x, &head.output_norm, self.config.norm_eps, &mut normed);
         let mut logits = vec![0.0; self.config.vocab];
-        self.output
+        head.output
             .as_ref()
-            .unwrap_or(&self.embedding)
+            .unwrap_or(&head.embedding)
             .matvec(&normed, &mut logits);
-        logits
+        Ok(logits)
+    }
+
+    fn head(&self) -> Result<&Head, ModelError> {
+        self.head.as_ref().ok_or_else(|| {
+            ModelError::Unsupported(
+                "this node holds no embedding or output head (a worker's shard)".into(),
+            )
+        })
     }
 }
 
@@ -491,22 +576,65 @@ impl Layer {
     }
 }
 
-/// Layer `i` of a llama-architecture file, whole.
-pub(crate) fn load_layer(gguf: &Gguf, c: &Config, i: usize) -> Result<Layer, ModelError> {
+/// Layer `i` of a llama-architecture file: the part `stored` that the file holds (all of
+/// it, or a shard file's part).
+pub(crate) fn load_layer(
+    gguf: &Gguf,
+    c: &Config,
+    stored: &NodeShard,
+    i: usize,
+) -> Result<Layer, ModelError> {
     let matrix = |name: &str, rows: usize, cols: usize| load_matrix(gguf, name, rows, cols);
     let vector = |name: &str, len: usize| load_vector(gguf, name, len);
     let p = format!("blk.{i}");
+    let q = stored.heads.len() * c.head_dim;
+    let kv = stored.kv_heads.len() * c.head_dim;
+    let ffn = stored.ffn.len();
     Ok(Layer {
         attn_norm: vector(&format!("{p}.attn_norm.weight"), c.hidden)?,
-        wq: matrix(&format!("{p}.attn_q.weight"), c.hidden, c.hidden)?,
-        wk: matrix(&format!("{p}.attn_k.weight"), c.kv_dim(), c.hidden)?,
-        wv: matrix(&format!("{p}.attn_v.weight"), c.kv_dim(), c.hidden)?,
-        wo: matrix(&format!("{p}.attn_output.weight"), c.hidden, c.hidden)?,
+        wq: matrix(&format!("{p}.attn_q.weight"), q, c.hidden)?,
+        wk: matrix(&format!("{p}.attn_k.weight"), kv, c.hidden)?,
+        wv: matrix(&format!("{p}.attn_v.weight"), kv, c.hidden)?,
+        wo: matrix(&format!("{p}.attn_output.weight"), c.hidden, q)?,
         ffn_norm: vector(&format!("{p}.ffn_norm.weight"), c.hidden)?,
-        gate: matrix(&format!("{p}.ffn_gate.weight"), c.ffn, c.hidden)?,
-        up: matrix(&format!("{p}.ffn_up.weight"), c.ffn, c.hidden)?,
-        down: matrix(&format!("{p}.ffn_down.weight"), c.hidden, c.ffn)?,
+        gate: matrix(&format!("{p}.ffn_gate.weight"), ffn, c.hidden)?,
+        up: matrix(&format!("{p}.ffn_up.weight"), ffn, c.hidden)?,
+        down: matrix(&format!("{p}.ffn_down.weight"), c.hidden, ffn)?,
     })
+}
+
+/// Whether `shard` can be cut from a model holding `stored` whose Wo is of type `wo`.
+fn check_selectable(
+    c: &Config,
+    stored: &NodeShard,
+    wo: GgmlType,
+    shard: &NodeShard,
+) -> Result<(), ModelError> {
+    let whole = stored.heads == (0..c.heads) && stored.ffn == (0..c.ffn);
+    let q = shard.heads.start * c.head_dim..shard.heads.end * c.head_dim;
+    let problem = if !whole {
+        Some("this model is already a shard".to_string())
+    } else if shard.heads.end > c.heads
+        || shard.kv_heads.end > c.kv_heads
+        || shard.ffn.end > c.ffn
+        || shard.heads.is_empty()
+        || !shard.ffn.start.is_multiple_of(crate::quant::BLOCK)
+        || !shard.ffn.end.is_multiple_of(crate::quant::BLOCK)
+    {
+        Some(format!("the shard {shard:?} is not a shard of this model"))
+    } else if wo.block_values() > 1
+        && !(q.start.is_multiple_of(crate::quant::BLOCK)
+            && q.end.is_multiple_of(crate::quant::BLOCK))
+    {
+        Some(format!(
+            "heads of {} values cut the 32-value blocks of the quantized Wo: this model \
+             cannot be split between these heads",
+            c.head_dim
+        ))
+    } else {
+        None
+    };
+    problem.map_or(Ok(()), |problem| Err(ModelError::Unsupported(problem)))
 }
 
 fn load_matrix(gguf: &Gguf, name: &str, rows: usize, cols: usize) -> Result<QMatrix, ModelError> {
@@ -601,7 +729,8 @@ struct Scratch {
     k: Vec<f32>,
     v: Vec<f32>,
     attn: Vec<f32>,
-    proj: Vec<f32>,
+    /// The output of Wo or Wdown: exact sums (see [`QMatrix::matvec_exact`]).
+    proj: Vec<f64>,
     gate: Vec<f32>,
     up: Vec<f32>,
     scores: Vec<f32>,
@@ -700,9 +829,10 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-fn add(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
+/// `x += y`, the exact sum rounded to f32 once.
+fn add_exact(x: &mut [f32], y: &[f64]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b as f32;
     }
 }
 

@@ -30,6 +30,9 @@ type Loaded = (usize, Result<Layer, ModelError>);
 pub(crate) struct LayerStream {
     gguf: Arc<Gguf>,
     config: Config,
+    /// What the file holds of each layer.
+    stored: NodeShard,
+    /// What this node computes of it (`stored`, or a part of a whole model's layers).
     shard: NodeShard,
     window: usize,
     /// `None` for a window of 1: read on demand.
@@ -41,24 +44,32 @@ pub(crate) struct LayerStream {
 }
 
 impl LayerStream {
-    /// Starts streaming the `shard` of each layer of `gguf`, `window` (at least 1) at once.
-    pub(crate) fn start(gguf: Arc<Gguf>, config: Config, shard: NodeShard, window: usize) -> Self {
+    /// Starts streaming the `shard` of each layer of `gguf` (which holds `stored` of each),
+    /// `window` (at least 1) at once.
+    pub(crate) fn start(
+        gguf: Arc<Gguf>,
+        config: Config,
+        stored: NodeShard,
+        shard: NodeShard,
+        window: usize,
+    ) -> Self {
         let window = window.max(1);
-        let head_dim = config.head_dim;
-        let first = load_layer(&gguf, &config, 0).ok();
+        let first = load_layer(&gguf, &config, &stored, 0).ok();
         let wo_type = first.as_ref().map_or(GgmlType::F32, |l| l.wo.ty());
-        let layer_bytes = first.map_or(0, |l| l.select(&shard, head_dim).size_bytes());
+        let layer_bytes = first.map_or(0, |l| part(l, &config, &stored, &shard).size_bytes());
         let loaded = (window >= 2).then(|| {
             let (tx, rx) = sync_channel(window - 2);
-            let (gguf, config, shard) = (gguf.clone(), config.clone(), shard.clone());
+            let (gguf, config) = (gguf.clone(), config.clone());
+            let (stored, shard) = (stored.clone(), shard.clone());
             std::thread::Builder::new()
                 .name("cleave-llm-weights".into())
-                .spawn(move || load_forever(&gguf, &config, &shard, &tx))
+                .spawn(move || load_forever(&gguf, &config, &stored, &shard, &tx))
                 .map(|_| Mutex::new(rx))
         });
         Self {
             gguf,
             config,
+            stored,
             shard,
             window,
             // A loader thread that could not start: read on demand instead.
@@ -70,7 +81,13 @@ impl LayerStream {
 
     /// The same stream for another shard (its own loader thread).
     pub(crate) fn restart(&self, shard: NodeShard) -> Self {
-        Self::start(self.gguf.clone(), self.config.clone(), shard, self.window)
+        Self::start(
+            self.gguf.clone(),
+            self.config.clone(),
+            self.stored.clone(),
+            shard,
+            self.window,
+        )
     }
 
     /// Layer `index`, which must be the one after the last taken (or 0 to begin a step).
@@ -96,8 +113,8 @@ impl LayerStream {
     }
 
     fn read(&self, index: usize) -> Result<Layer, ModelError> {
-        load_layer(&self.gguf, &self.config, index)
-            .map(|l| l.select(&self.shard, self.config.head_dim))
+        load_layer(&self.gguf, &self.config, &self.stored, index)
+            .map(|l| part(l, &self.config, &self.stored, &self.shard))
     }
 
     /// The type of Wo.
@@ -112,11 +129,26 @@ impl LayerStream {
 }
 
 /// The loader thread: every layer in step order, for ever, until the stream is dropped.
-fn load_forever(gguf: &Gguf, config: &Config, shard: &NodeShard, out: &SyncSender<Loaded>) {
+fn load_forever(
+    gguf: &Gguf,
+    config: &Config,
+    stored: &NodeShard,
+    shard: &NodeShard,
+    out: &SyncSender<Loaded>,
+) {
     for index in (0..config.layers).cycle() {
-        let layer = load_layer(gguf, config, index).map(|l| l.select(shard, config.head_dim));
+        let layer = load_layer(gguf, config, stored, index).map(|l| part(l, config, stored, shard));
         if out.send((index, layer)).is_err() {
             return;
         }
+    }
+}
+
+/// The `shard` part of a `layer` read from a file holding `stored` of it.
+fn part(layer: Layer, config: &Config, stored: &NodeShard, shard: &NodeShard) -> Layer {
+    if shard == stored {
+        layer
+    } else {
+        layer.select(shard, config.head_dim)
     }
 }

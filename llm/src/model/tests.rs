@@ -416,7 +416,7 @@ const LLAMA_CPP_LOGIT_TOLERANCE: f32 = 0.75;
 const NEAR_TIE: f64 = 1.0;
 
 /// A node's all-reduce.
-type Reduce = Box<dyn FnMut(&mut [f32]) -> Result<(), ModelError> + Send>;
+type Reduce = Box<dyn FnMut(&mut [f64]) -> Result<(), ModelError> + Send>;
 
 /// One all-reduce per node of a star over loopback TCP, the master's first.
 fn star_reducers(nodes: usize, encoding: crate::wire::Encoding) -> Vec<Reduce> {
@@ -474,7 +474,7 @@ fn generate_tensor_parallel(
                             .layers_forward(&mut x, &mut cache, &mut reduce)
                             .unwrap();
                         if rank == 0 {
-                            logits = shard.logits(&x);
+                            logits = shard.logits(&x).unwrap();
                         }
                     }
                     if step == steps {
@@ -527,7 +527,7 @@ fn tensor_parallel_decoding_equals_one_node_on_the_tiny_model() {
         vec![3.0, 1.0],
     ] {
         let plan = crate::shard::ShardPlan::new(model.config(), &capabilities).unwrap();
-        let reducers = star_reducers(capabilities.len(), crate::wire::Encoding::F32);
+        let reducers = star_reducers(capabilities.len(), crate::wire::Encoding::F64);
         let (tokens, all_logits) = generate_tensor_parallel(&model, &plan, &prompt, 6, reducers);
         let expected: Vec<u32> = single.iter().map(|(t, _)| *t).collect();
         assert_eq!(tokens, expected, "{capabilities:?}");
@@ -537,7 +537,8 @@ fn tensor_parallel_decoding_equals_one_node_on_the_tiny_model() {
                 .zip(many)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
-            assert!(worst < 1e-4, "{capabilities:?}: logits differ by {worst}");
+            // Exact sums: the cluster computes what one node computes, bit for bit.
+            assert_eq!(worst, 0.0, "{capabilities:?}: logits differ by {worst}");
         }
     }
 }
@@ -554,17 +555,17 @@ fn tensor_parallel_smollm2_gives_the_single_node_tokens() {
     let model = Model::load(&gguf).unwrap();
     let prompt = tokenizer.encode("The three primary colours are", false);
     let steps = 12;
-    let f32 = crate::wire::Encoding::F32;
+    let exact = crate::wire::Encoding::F64;
     let single = crate::shard::ShardPlan::new(model.config(), &[1.0]).unwrap();
     let (expected, _) =
-        generate_tensor_parallel(&model, &single, &prompt, steps, star_reducers(1, f32));
+        generate_tensor_parallel(&model, &single, &prompt, steps, star_reducers(1, exact));
     // The star with 2, 3 and 4 nodes (4: K/V replicated, query heads split), and the
     // all-to-all with 3.
     let clusters: [(usize, &str, Vec<Reduce>); 4] = [
-        (2, "star", star_reducers(2, f32)),
-        (3, "star", star_reducers(3, f32)),
-        (4, "star", star_reducers(4, f32)),
-        (3, "all-to-all", mesh_reducers(3, f32)),
+        (2, "star", star_reducers(2, exact)),
+        (3, "star", star_reducers(3, exact)),
+        (4, "star", star_reducers(4, exact)),
+        (3, "all-to-all", mesh_reducers(3, exact)),
     ];
     for (nodes, how, reducers) in clusters {
         let plan = crate::shard::ShardPlan::new(model.config(), &vec![1.0; nodes]).unwrap();
@@ -667,4 +668,66 @@ fn a_step_that_failed_part_way_leaves_the_cache_as_it_was() {
     assert!(failed.is_err());
     assert_eq!(cache.len(), 1);
     assert_eq!(model.forward(6, &mut cache).unwrap(), clean);
+}
+
+/// A worker's shard file computes exactly what the whole model's slice computes: the same
+/// partial outputs, resident or through the window; it has no embedding or output head, is
+/// named by its hash, is the same bytes when cut again, and cannot be cut further.
+#[test]
+fn shard_files_compute_what_the_slices_of_the_whole_model_compute() {
+    for ty in [GgmlType::F32, GgmlType::Q8_0] {
+        let (dir, path, _) = tiny(ty, false);
+        let gguf = Gguf::open(&path).unwrap();
+        let whole = Model::load(&gguf).unwrap();
+        let plan = crate::shard::ShardPlan::new(whole.config(), &[1.0, 2.0]).unwrap();
+        for node in &plan.nodes {
+            let file = crate::shard_file::write(&gguf, node, dir.path()).unwrap();
+            assert_eq!(file.path, dir.path().join(format!("{}.gguf", file.sha256)));
+            assert_eq!(
+                crate::shard_file::sha256_of(&file.path).unwrap(),
+                file.sha256
+            );
+            assert_eq!(
+                crate::shard_file::write(&gguf, node, dir.path()).unwrap(),
+                file
+            );
+            let shard_gguf = Arc::new(Gguf::open(&file.path).unwrap());
+            let expected_model = whole.select(node).unwrap();
+            for model in [
+                Model::load(&shard_gguf).unwrap(),
+                Model::load_windowed(shard_gguf.clone(), 2, None).unwrap(),
+            ] {
+                assert!(!model.has_head());
+                assert_eq!(model.config(), whole.config());
+                assert_eq!(model.shard(), node);
+                assert!(model.embed(1).is_err() && model.logits(&[0.0; HIDDEN]).is_err());
+                let mut got_cache = model.new_cache(4);
+                let mut expected_cache = expected_model.new_cache(4);
+                for token in [3u32, 9] {
+                    // Each node's own partial sums (no all-reduce) must agree exactly.
+                    let start = whole.embed(token).unwrap();
+                    let (mut got, mut expected) = (start.clone(), start);
+                    model
+                        .layers_forward(&mut got, &mut got_cache, &mut |_| Ok(()))
+                        .unwrap();
+                    expected_model
+                        .layers_forward(&mut expected, &mut expected_cache, &mut |_| Ok(()))
+                        .unwrap();
+                    assert_eq!(got, expected, "{ty:?} {node:?}");
+                }
+            }
+            let error = crate::shard_file::write(&shard_gguf, node, dir.path()).unwrap_err();
+            assert!(error.to_string().contains("already a shard"), "{error}");
+            // Loading another part from a shard file is refused the same way.
+            let other = plan.nodes.iter().find(|n| *n != node).unwrap();
+            assert!(Model::load_part(&shard_gguf, Some(other)).is_err());
+        }
+        // The master's part, loaded layer by layer, is the whole model's slice.
+        let master = Model::load_part(&gguf, Some(&plan.nodes[0])).unwrap();
+        assert!(master.has_head());
+        assert_eq!(
+            master.weight_bytes(),
+            whole.select(&plan.nodes[0]).unwrap().weight_bytes()
+        );
+    }
 }

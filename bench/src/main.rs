@@ -12,7 +12,7 @@
 //! simulated heads sending the bundled model's real frames, frames per second and latency for
 //! several batching settings, beside the floor of the tail model run directly.
 //!
-//! `cleave-bench link` runs the link emulator of the library (`cleave_bench::link`,
+//! `cleave-bench link` runs the link emulator of the library (`cleave_link`,
 //! `docs/link-emulator.md`) as a proxy: a slow, delayed link with outages between a head and
 //! a tail, until Ctrl-C or SIGTERM.
 
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use cleave_bench::link::{LinkEmulator, LinkProfile, Outage, OutageMode, Shaping};
+use cleave_link::{LinkEmulator, LinkProfile, Outage, OutageMode, Shaping};
 
 /// Cleave's benchmark harness.
 #[derive(Debug, Parser)]

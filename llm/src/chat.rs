@@ -53,6 +53,9 @@ pub struct ChatTemplate {
     env: Environment<'static>,
 }
 
+/// Most instructions one rendering may run.
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+
 impl ChatTemplate {
     /// Parses `source`.
     ///
@@ -61,6 +64,9 @@ impl ChatTemplate {
     /// [`ChatError::Template`] when it is not valid Jinja.
     pub fn new(source: &str) -> Result<Self, ChatError> {
         let mut env = Environment::new();
+        // The template comes with the model file: a loop that never ends is an error, not a
+        // hung server. Real templates spend a few dozen instructions per message.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function(
             "raise_exception",
             |message: String| -> Result<String, Error> {
@@ -271,5 +277,15 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("user first"), "{err}");
         assert!(ChatTemplate::new("{% for %}").is_err());
+    }
+
+    #[test]
+    fn a_template_that_loops_for_ever_runs_out_of_fuel() {
+        let endless = ChatTemplate::new(
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        let err = endless.render(&[], false, "", "").unwrap_err();
+        assert!(err.to_string().contains("fuel"), "{err}");
     }
 }

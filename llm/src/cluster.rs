@@ -98,6 +98,10 @@ pub struct WorkerStats {
     pub compute_s: f64,
     /// Seconds inside all-reduces (sending its partial, waiting for the sum).
     pub all_reduce_s: f64,
+    /// Of those, seconds blocked waiting for the sum: the other nodes' compute still
+    /// running, the links' delay and transfer.
+    #[serde(default)]
+    pub waiting_s: f64,
     /// Bytes it sent in all-reduces.
     pub sent: u64,
     /// Bytes it received in all-reduces.

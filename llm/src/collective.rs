@@ -18,7 +18,7 @@
 //! which the caller turns into an answer (and, later, a re-formed cluster).
 
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::wire::{DEFAULT_MAX_FRAME, Encoding, Frame, Vector, WireError, read_frame, write_frame};
 
@@ -154,8 +154,9 @@ impl Link {
     }
 }
 
-/// Bytes moved by all-reduces so far, for the benchmarks.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Bytes moved by all-reduces so far, and the time spent blocked on peers, for the
+/// benchmarks.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Traffic {
     /// All-reduces done.
     pub reductions: u64,
@@ -163,6 +164,10 @@ pub struct Traffic {
     pub sent: u64,
     /// Bytes this node received.
     pub received: u64,
+    /// Seconds spent blocked reading peers' vectors: the peers' compute still running plus
+    /// the link's delay and transfer time. The rest of an all-reduce is this node's own
+    /// encoding, summing and sending.
+    pub waiting_s: f64,
 }
 
 /// The master's side of the star: one link per worker.
@@ -193,7 +198,9 @@ impl StarMaster {
     pub fn all_reduce(&mut self, part: &mut [f64]) -> Result<(), CollectiveError> {
         self.scratch.resize(part.len(), 0.0);
         for link in &mut self.workers {
+            let waiting = Instant::now();
             let frame = link.receive()?;
+            self.traffic.waiting_s += waiting.elapsed().as_secs_f64();
             self.traffic.received += frame.wire_bytes() as u64;
             link.expect(frame, false, &mut self.scratch)?;
             part.iter_mut()
@@ -251,7 +258,9 @@ impl StarWorker {
         let frame = Frame::Partial(Vector::encode(part, self.encoding));
         self.master.send(&frame)?;
         self.traffic.sent += frame.wire_bytes() as u64;
+        let waiting = Instant::now();
         let answer = self.master.receive()?;
+        self.traffic.waiting_s += waiting.elapsed().as_secs_f64();
         self.traffic.received += answer.wire_bytes() as u64;
         self.master.expect(answer, true, part)?;
         self.traffic.reductions += 1;
@@ -338,7 +347,9 @@ impl MeshNode {
         }
         self.received.resize_with(self.peers.len(), Vec::new);
         for (link, into) in self.peers.iter_mut().zip(&mut self.received) {
+            let waiting = Instant::now();
             let frame = link.receive()?;
+            self.traffic.waiting_s += waiting.elapsed().as_secs_f64();
             self.traffic.received += frame.wire_bytes() as u64;
             into.resize(part.len(), 0.0);
             link.expect(frame, false, into)?;

@@ -40,6 +40,11 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 pub const MAX_DIMS: usize = 4;
 /// Deepest nesting of arrays in metadata that is read (GGUF allows arrays of arrays).
 const MAX_ARRAY_DEPTH: usize = 3;
+/// Most items of one metadata array. Each item takes a [`Value`] (32 bytes) in memory, up
+/// to 32 times what it took in the file; the largest real arrays (vocabularies and merges)
+/// hold a few hundred thousand. A shard file comes from the network, so its claims are
+/// bounded here, not only by its size.
+pub const MAX_ARRAY_ITEMS: usize = 1 << 22;
 
 /// What went wrong reading a GGUF file.
 #[derive(Debug, thiserror::Error)]
@@ -740,6 +745,11 @@ impl<R: Read> Reader<'_, R> {
                     other => return Err(self.malformed(format!("an array of type {other}"))),
                 };
                 let n = self.count("an array", min)?;
+                if n > MAX_ARRAY_ITEMS {
+                    return Err(self.malformed(format!(
+                        "an array of {n} items (at most {MAX_ARRAY_ITEMS} are read)"
+                    )));
+                }
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     items.push(self.value(item, depth + 1)?);

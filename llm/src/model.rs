@@ -111,6 +111,35 @@ impl Config {
                 "odd head width {head_dim}"
             )));
         }
+        // Scaled rotations (Llama 3.1's frequency factors, linear or YaRN scaling) change
+        // every position's angles: refused rather than run wrong.
+        match gguf.get_str("llama.rope.scaling.type") {
+            Ok("none") | Err(GgufError::MissingKey { .. }) => {}
+            Ok(other) => {
+                return Err(ModelError::Unsupported(format!(
+                    "rope scaling {other:?}: cleave-llm runs unscaled rotary embeddings"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if gguf.tensor("rope_freqs.weight").is_ok() {
+            return Err(ModelError::Unsupported(
+                "rope frequency factors (rope_freqs.weight, Llama 3.1 style): cleave-llm runs \
+                 unscaled rotary embeddings"
+                    .into(),
+            ));
+        }
+        match gguf.get_u64("llama.rope.dimension_count") {
+            Err(GgufError::MissingKey { .. }) => {}
+            Ok(d) if d == head_dim as u64 => {}
+            Ok(d) => {
+                return Err(ModelError::Unsupported(format!(
+                    "rotary embedding over {d} of each head's {head_dim} dimensions: \
+                     cleave-llm rotates whole heads"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
         let float = |key: &str, default: f64| match gguf.get_f64(key) {
             Ok(v) => Ok(v as f32),
             Err(GgufError::MissingKey { .. }) => Ok(default as f32),
@@ -152,7 +181,7 @@ enum Layers {
     /// All in memory.
     Resident(Vec<Layer>),
     /// On disk, a window of them in memory at a time.
-    Streamed(LayerStream),
+    Streamed(Box<LayerStream>),
 }
 
 /// One transformer block's weights.
@@ -342,7 +371,7 @@ impl Model {
         let model = Self {
             shard: stored,
             head,
-            layers: Layers::Streamed(stream),
+            layers: Layers::Streamed(Box::new(stream)),
             config,
         };
         match shard {
@@ -395,7 +424,7 @@ impl Model {
                     .map(|l| l.select(shard, self.config.head_dim))
                     .collect(),
             ),
-            Layers::Streamed(stream) => Layers::Streamed(stream.restart(shard.clone())),
+            Layers::Streamed(stream) => Layers::Streamed(Box::new(stream.restart(shard.clone()))),
         };
         Ok(Self {
             config: self.config.clone(),

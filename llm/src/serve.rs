@@ -270,6 +270,7 @@ fn stats_json(master: &Master) -> serde_json::Value {
         "master": {
             "compute_ms_per_token": per(s.compute_s),
             "all_reduce_ms_per_token": per(s.all_reduce_s),
+            "waiting_ms_per_token": per(s.traffic.waiting_s),
             "step_send_ms_per_token": per(s.step_send_s),
             "all_reduce_bytes_sent": s.traffic.sent,
             "all_reduce_bytes_received": s.traffic.received,
@@ -282,6 +283,7 @@ fn stats_json(master: &Master) -> serde_json::Value {
             "steps": w.steps,
             "compute_ms_per_token": w.compute_s * 1e3 / w.steps.max(1) as f64,
             "all_reduce_ms_per_token": w.all_reduce_s * 1e3 / w.steps.max(1) as f64,
+            "waiting_ms_per_token": w.waiting_s * 1e3 / w.steps.max(1) as f64,
             "bytes_sent": w.sent,
             "bytes_received": w.received,
         })).collect::<Vec<_>>(),

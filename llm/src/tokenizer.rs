@@ -17,7 +17,8 @@
 //! SentencePiece-style vocabularies (`"llama"`) are not read yet: opening one is an error
 //! that says so.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 
 use fancy_regex::Regex;
 
@@ -307,29 +308,47 @@ impl Tokenizer {
         }
     }
 
-    /// BPE over one word's bytes.
+    /// BPE over one word's bytes: the merges apply lowest rank first, leftmost first among
+    /// equals. Candidate pairs wait in a heap and the symbols form a linked list, so a word
+    /// of n bytes takes O(n log n), not the O(n²) of rescanning after every merge: one
+    /// "word" can be a whole pasted blob with no spaces in it.
     fn encode_word(&self, bytes: &[u8], out: &mut Vec<u32>) {
-        let mut symbols: Vec<u32> = bytes
+        let mut ids: Vec<u32> = bytes
             .iter()
             .filter_map(|&b| self.byte_token[b as usize])
             .collect();
-        loop {
-            let best = symbols
-                .windows(2)
-                .enumerate()
-                .filter_map(|(i, pair)| {
-                    self.merges
-                        .get(&(pair[0], pair[1]))
-                        .map(|&(rank, merged)| (rank, i, merged))
-                })
-                .min();
-            let Some((_, at, merged)) = best else {
-                break;
-            };
-            symbols[at] = merged;
-            symbols.remove(at + 1);
+        let n = ids.len();
+        // Symbol i's neighbours; `n` (next) and `usize::MAX` (previous) mark the ends.
+        let mut next: Vec<usize> = (1..=n).collect();
+        let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
+        let mut alive = vec![true; n];
+        // (rank, left symbol's index, left id, right id, merged id), smallest first.
+        let mut heap = BinaryHeap::new();
+        let candidate = |ids: &[u32], next: &[usize], left: usize| {
+            let right = *next.get(left)?;
+            let pair = (ids[left], *ids.get(right)?);
+            let &(rank, merged) = self.merges.get(&pair)?;
+            Some(Reverse((rank, left, pair.0, pair.1, merged)))
+        };
+        heap.extend((0..n).filter_map(|i| candidate(&ids, &next, i)));
+        while let Some(Reverse((_, left, l, r, merged))) = heap.pop() {
+            let right = next[left];
+            // Stale: a neighbour merged since this pair was seen.
+            if !alive[left] || right >= n || ids[left] != l || ids[right] != r {
+                continue;
+            }
+            ids[left] = merged;
+            alive[right] = false;
+            next[left] = next[right];
+            if next[right] < n {
+                prev[next[right]] = left;
+            }
+            if prev[left] != usize::MAX {
+                heap.extend(candidate(&ids, &next, prev[left]));
+            }
+            heap.extend(candidate(&ids, &next, left));
         }
-        out.extend(symbols);
+        out.extend((0..n).filter(|&i| alive[i]).map(|i| ids[i]));
     }
 
     /// The bytes `id` stands for, appended to `out`; nothing for an unknown id. A special

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use cleave_bench::link::{LinkEmulator, LinkProfile, OutageMode};
+use cleave_link::{LinkEmulator, LinkProfile, OutageMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -1,4 +1,4 @@
-//! `auto` choosing between modes under emulated links (`cleave_bench::link` between the real
+//! `auto` choosing between modes under emulated links (`cleave_link` between the real
 //! `cleave-head` and `cleave-tail`): offload on a fast link, split on a slow one (where local
 //! is not allowed, or where it is clearly best), local when the link is gone.
 //!
@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use cleave_bench::link::{LinkEmulator, LinkProfile, Shaping};
 use cleave_engine::{Backend, Bundle, EngineError, OrtDevice, Role};
+use cleave_link::{LinkEmulator, LinkProfile, Shaping};
 use cleave_tests::{
     HeadProcess, TailProcess, default_bundle, resetting_link, sample_files, samples,
 };

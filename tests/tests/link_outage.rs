@@ -1,5 +1,5 @@
 //! The head daemon over an emulated link that breaks: the real `cleave-head` and
-//! `cleave-tail` binaries with `cleave_bench::link` between them, frames replayed at a fixed
+//! `cleave-tail` binaries with `cleave_link` between them, frames replayed at a fixed
 //! rate, and outages of both kinds — connections reset, or every byte stalled.
 //!
 //! With `--on-link-down local`, the frames that come while no tail is reachable are run on
@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::time::Duration;
 
-use cleave_bench::link::{LinkEmulator, LinkProfile, OutageMode, Shaping};
+use cleave_link::{LinkEmulator, LinkProfile, OutageMode, Shaping};
 use cleave_tests::{HeadProcess, TailProcess, default_bundle, resetting_link, samples};
 use serde_json::Value;
 

@@ -307,13 +307,14 @@ impl Decoder for Master {
             ));
         };
         let started = Instant::now();
+        let mut sending = Duration::ZERO;
         let mut x = model.embed(token)?;
         if !self.star.links().is_empty() {
             let frame = Frame::Step {
                 position: self.cache.len() as u32,
                 x: Vector::F32(x.clone()),
             };
-            let sending = Instant::now();
+            let t = Instant::now();
             let mut sent = Ok(());
             for link in self.star.links() {
                 sent = link.send(&frame);
@@ -321,7 +322,8 @@ impl Decoder for Master {
                     break;
                 }
             }
-            self.stats.step_send_s += sending.elapsed().as_secs_f64();
+            sending = t.elapsed();
+            self.stats.step_send_s += sending.as_secs_f64();
             if let Err(e) = sent {
                 return Err(self.fail(ModelError::Collective(e.to_string())));
             }
@@ -344,7 +346,7 @@ impl Decoder for Master {
         let logits = model.logits(&x)?;
         self.stats.steps += 1;
         self.stats.all_reduce_s += reducing.as_secs_f64();
-        self.stats.compute_s += (started.elapsed() - reducing).as_secs_f64();
+        self.stats.compute_s += (started.elapsed() - reducing - sending).as_secs_f64();
         Ok(logits)
     }
 }

@@ -266,6 +266,7 @@ fn step(
     stats.compute_s += (started.elapsed() - reducing).as_secs_f64();
     let traffic = star.traffic();
     (stats.sent, stats.received) = (traffic.sent, traffic.received);
+    stats.waiting_s = traffic.waiting_s;
     match (result, failed) {
         (Ok(()), _) => Ok(()),
         (Err(_), Some(link)) => Err(link.into()),

@@ -210,6 +210,20 @@ fn claimed_sizes_are_checked_before_anything_is_allocated() {
 }
 
 #[test]
+fn huge_metadata_arrays_are_refused_even_when_the_file_holds_them() {
+    let mut writer = GgufWriter::new();
+    let items = vec![Value::U8(7); crate::gguf::MAX_ARRAY_ITEMS + 1];
+    writer.metadata("x.bytes", Value::Array(items));
+    let err = open_bytes(&bytes_of(&writer)).unwrap_err().to_string();
+    assert!(err.contains("at most"), "{err}");
+    // At the limit it reads.
+    let mut writer = GgufWriter::new();
+    let items = vec![Value::U8(7); crate::gguf::MAX_ARRAY_ITEMS];
+    writer.metadata("x.bytes", Value::Array(items));
+    assert!(open_bytes(&bytes_of(&writer)).is_ok());
+}
+
+#[test]
 fn a_tensor_past_the_end_or_misaligned_is_refused() {
     let mut writer = GgufWriter::new();
     writer

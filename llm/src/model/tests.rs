@@ -321,6 +321,43 @@ fn bad_tokens_and_full_caches_are_errors() {
     assert!(err.contains("full"), "{err}");
 }
 
+#[test]
+fn scaled_rotary_embeddings_are_refused() {
+    let scalings = [
+        (
+            "llama.rope.scaling.type",
+            Value::String("yarn".into()),
+            "rope scaling",
+        ),
+        (
+            "llama.rope.dimension_count",
+            Value::U32(8),
+            "rotary embedding over 8",
+        ),
+    ];
+    for (key, value, expected) in scalings {
+        let mut writer = GgufWriter::new();
+        writer
+            .metadata("general.architecture", Value::String("llama".into()))
+            .metadata("llama.block_count", Value::U32(1))
+            .metadata("llama.embedding_length", Value::U32(HIDDEN as u32))
+            .metadata("llama.feed_forward_length", Value::U32(FFN as u32))
+            .metadata("llama.attention.head_count", Value::U32(HEADS as u32))
+            .metadata("llama.context_length", Value::U32(32))
+            .metadata("llama.vocab_size", Value::U32(VOCAB as u32))
+            .metadata(key, value);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scaled.gguf");
+        writer
+            .write_to(&mut std::fs::File::create(&path).unwrap())
+            .unwrap();
+        let err = Config::from_gguf(&Gguf::open(&path).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{key}: {err}");
+    }
+}
+
 /// SmolLM2 against llama.cpp: the prompt's ids, the logits after it, and greedy decoding
 /// (`llm/tests/data/smollm2-llama-cpp.json`, made by `llm/tools/llama_cpp_reference.py`).
 #[test]

@@ -46,6 +46,54 @@ fn merges_apply_by_rank() {
     assert_eq!(tok.decode(&ids, false), "hello world");
 }
 
+/// BPE as its definition says: rescan for the lowest-ranked, leftmost pair after every merge.
+fn bpe_by_rescanning(tokenizer: &Tokenizer, bytes: &[u8]) -> Vec<u32> {
+    let mut symbols: Vec<u32> = bytes
+        .iter()
+        .filter_map(|&b| tokenizer.byte_token[b as usize])
+        .collect();
+    loop {
+        let best = symbols
+            .windows(2)
+            .enumerate()
+            .filter_map(|(i, pair)| {
+                let &(rank, merged) = tokenizer.merges.get(&(pair[0], pair[1]))?;
+                Some((rank, i, merged))
+            })
+            .min();
+        let Some((_, at, merged)) = best else {
+            return symbols;
+        };
+        symbols[at] = merged;
+        symbols.remove(at + 1);
+    }
+}
+
+#[test]
+fn the_merge_heap_merges_as_rescanning_does() {
+    let tokenizer = small();
+    // Words over the merges' letters, where pairs overlap and compete ("hhelllo").
+    let mut state = 0x9e37_79b9_u32;
+    let mut words: Vec<Vec<u8>> = (0..300)
+        .map(|i| {
+            (0..1 + i % 40)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 17;
+                    state ^= state << 5;
+                    b"hello"[state as usize % 5]
+                })
+                .collect()
+        })
+        .collect();
+    words.push(b"hello".repeat(2000));
+    for word in words {
+        let mut got = Vec::new();
+        tokenizer.encode_word(&word, &mut got);
+        assert_eq!(got, bpe_by_rescanning(&tokenizer, &word), "{word:?}");
+    }
+}
+
 #[test]
 fn control_tokens_are_parsed_only_when_asked() {
     let tok = small();

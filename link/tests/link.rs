@@ -10,7 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use cleave_bench::link::{LinkEmulator, LinkProfile, LinkStats, Outage, OutageMode, Shaping};
+use cleave_link::{LinkEmulator, LinkProfile, LinkStats, Outage, OutageMode, Shaping};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

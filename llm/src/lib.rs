@@ -21,9 +21,15 @@
 //!   [`wire`] is the frame format between nodes and [`collective`] the star all-reduce
 //!   over TCP.
 //!
-//! Moving shards to workers and the
-//! OpenAI-compatible API are built on these (issue 6); this crate knows nothing of the
-//! vision path, and shares only `proto` with the rest of the workspace.
+//! - [`engine`] is the generation loop every front end shares, over a [`engine::Decoder`]:
+//!   this node alone, or the master of a [`cluster`]; [`sampling`] chooses each token
+//!   (greedy, or seeded temperature / top-p / top-k draws).
+//! - [`api`] is the OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/completions`,
+//!   `/v1/models`, `/health`) that `cleave-llm master` serves, with the decoder on a
+//!   thread of its own behind a bounded queue.
+//!
+//! This crate knows nothing of the vision path, and shares only `proto` with the rest of
+//! the workspace.
 //!
 //! ```no_run
 //! use cleave_llm::gguf::Gguf;
@@ -35,6 +41,7 @@
 //! # Ok::<(), cleave_llm::gguf::GgufError>(())
 //! ```
 
+pub mod api;
 pub mod chat;
 pub mod cluster;
 pub mod collective;
@@ -43,6 +50,7 @@ pub mod gguf;
 pub mod matmul;
 pub mod model;
 pub mod quant;
+pub mod sampling;
 pub mod shard;
 pub mod shard_file;
 pub mod tokenizer;

@@ -47,11 +47,29 @@ enum Command {
     /// finds it cached by hash), and computes its part of every layer on command.
     Worker(serve::WorkerArgs),
     /// Forms a cluster with the workers (or runs alone) and answers: the prompts given
-    /// with --prompt, or the OpenAI-compatible HTTP API.
+    /// with --prompt, or the OpenAI-compatible HTTP API on --listen.
+    #[command(after_help = MASTER_HELP)]
     Master(serve::MasterArgs),
     /// Forms a cluster with the workers (or runs alone) and chats on this terminal.
     Chat(serve::ChatArgs),
 }
+
+const MASTER_HELP: &str = "\
+The HTTP API (without --prompt), one sequence generated at a time:
+  POST /v1/chat/completions   messages, in the model's chat template
+  POST /v1/completions        a prompt (text or token ids), completed as it is
+  GET  /v1/models             the model served
+  GET  /health                200, or 503 while the cluster is broken
+Both POST routes take max_tokens (or max_completion_tokens), temperature (0: greedy),
+top_p, top_k, seed, stop and stream (Server-Sent Events). Errors are OpenAI's JSON: 400 for a
+bad request, 503 when the queue is full, 502 when a node fails (the next request re-forms
+the cluster).
+
+Example:
+  cleave-llm worker --listen 0.0.0.0:7000                          # on each other node
+  cleave-llm master --model M.gguf --workers nodeB:7000 --listen 0.0.0.0:8080
+  curl http://localhost:8080/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'";
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {

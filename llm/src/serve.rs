@@ -2,17 +2,19 @@
 //!
 //! `master` and `chat` both form a cluster from `--workers` (none: this node alone) through
 //! [`cleave_llm::cluster::master::Master`]; `master` then answers prompts given on the
-//! command line or serves the HTTP API, `chat` talks with the user on this terminal.
+//! command line or serves the OpenAI-compatible HTTP API ([`cleave_llm::api`]), `chat`
+//! talks with the user on this terminal.
 
 use std::io::{BufRead, Write};
 use std::net::TcpListener;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
-use cleave_llm::chat::{ChatTemplate, Message, text_prompt_ids};
+use cleave_llm::api::{self, ApiOptions, Engine, EngineOptions};
+use cleave_llm::chat::{ChatError, ChatTemplate, Message, text_prompt_ids};
 use cleave_llm::cluster::master::{Master, MasterOptions};
 use cleave_llm::cluster::worker::{self, WorkerOptions};
 use cleave_llm::engine::{Decoder, Limits, generate};
@@ -101,6 +103,19 @@ pub(crate) struct ClusterArgs {
 pub(crate) struct MasterArgs {
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// Where to serve the OpenAI-compatible HTTP API (`host:port`; port 0 picks one). The
+    /// first line on stderr says where: `cleave-llm master listening on http://ADDR (...)`.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Most requests waiting while one is generated; more are answered 503 at once.
+    #[arg(long, default_value_t = 8)]
+    queue: usize,
+    /// The largest request body accepted, in KiB (larger ones are answered 413).
+    #[arg(long, default_value_t = 1024)]
+    max_request_kib: usize,
+    /// The model's name in the API [default: the file's `general.name`, else its stem].
+    #[arg(long)]
+    name: Option<String>,
     /// Complete this prompt greedily, print the answer and exit (repeat for several, one
     /// answer per line); without it, serve the HTTP API.
     #[arg(long)]
@@ -180,8 +195,11 @@ pub(crate) fn worker(args: &WorkerArgs) -> anyhow::Result<()> {
     .context("accepting masters")
 }
 
-/// Loads the tokenizer and forms the cluster.
-fn form(args: &ClusterArgs) -> anyhow::Result<(Master, Tokenizer, Arc<Gguf>)> {
+/// Loads the tokenizer and forms the cluster; `log` receives the master's lines.
+fn form(
+    args: &ClusterArgs,
+    log: Box<dyn FnMut(&str) + Send>,
+) -> anyhow::Result<(Master, Tokenizer, Arc<Gguf>)> {
     threads(args.threads)?;
     let gguf = Arc::new(Gguf::open(&args.model)?);
     let tokenizer = Tokenizer::from_gguf(&gguf)?;
@@ -200,20 +218,52 @@ fn form(args: &ClusterArgs) -> anyhow::Result<(Master, Tokenizer, Arc<Gguf>)> {
         cache_dir: args.cache_dir.clone().unwrap_or_else(default_cache_dir),
         rejoin_every: Duration::from_secs(30),
     };
-    let master = Master::form(
-        gguf.clone(),
-        options,
-        Box::new(|line| eprintln!("cleave-llm master: {line}")),
-    )?;
+    let master = Master::form(gguf.clone(), options, log)
+        .with_context(|| format!("forming the cluster for {}", args.model.display()))?;
     Ok((master, tokenizer, gguf))
+}
+
+/// The master's log on stderr.
+fn log_now() -> Box<dyn FnMut(&str) + Send> {
+    Box::new(|line| eprintln!("cleave-llm master: {line}"))
+}
+
+/// The master's log, held back until the server has said where it listens (so that its
+/// line is the first on stderr), then written as it comes.
+#[derive(Debug, Clone, Default)]
+struct HeldLog(Arc<Mutex<Option<Vec<String>>>>);
+
+impl HeldLog {
+    fn held() -> Self {
+        Self(Arc::new(Mutex::new(Some(Vec::new()))))
+    }
+
+    fn sink(&self) -> Box<dyn FnMut(&str) + Send> {
+        let held = self.0.clone();
+        Box::new(move |line| {
+            let mut held = held.lock().unwrap_or_else(PoisonError::into_inner);
+            match held.as_mut() {
+                Some(lines) => lines.push(line.to_string()),
+                None => eprintln!("cleave-llm master: {line}"),
+            }
+        })
+    }
+
+    /// Writes what was held; from now on lines go straight out.
+    fn release(&self) {
+        let held = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        for line in held.into_iter().flatten() {
+            eprintln!("cleave-llm master: {line}");
+        }
+    }
 }
 
 /// Runs `master`.
 pub(crate) fn master(args: &MasterArgs) -> anyhow::Result<()> {
-    let (mut master, tokenizer, gguf) = form(&args.cluster)?;
     if args.prompt.is_empty() {
-        anyhow::bail!("the HTTP API is not wired yet: give --prompt");
+        return serve_api(args);
     }
+    let (mut master, tokenizer, gguf) = form(&args.cluster, log_now())?;
     let template = if args.chat_template {
         Some(ChatTemplate::from_gguf(&gguf)?)
     } else {
@@ -290,9 +340,108 @@ fn stats_json(master: &Master) -> serde_json::Value {
     })
 }
 
+/// The model's name in the API: `general.name`, else the file's stem.
+fn model_name(gguf: &Gguf, path: &std::path::Path) -> String {
+    gguf.get_str("general.name")
+        .ok()
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(str::to_string)
+        .or_else(|| {
+            path.file_stem()
+                .map(|stem| stem.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "model".into())
+}
+
+/// Serves the OpenAI-compatible API until Ctrl-C or SIGTERM.
+fn serve_api(args: &MasterArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.queue > 0, "--queue must be at least 1");
+    anyhow::ensure!(
+        args.max_request_kib > 0,
+        "--max-request-kib must be at least 1"
+    );
+    // Bound first, so that a taken port fails before the cluster is formed.
+    let listener =
+        TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
+    listener.set_nonblocking(true)?;
+    let address = listener.local_addr()?;
+    let log = HeldLog::held();
+    let (master, tokenizer, gguf) = form(&args.cluster, log.sink())?;
+    let template = match ChatTemplate::from_gguf(&gguf) {
+        Ok(template) => Some(template),
+        Err(ChatError::NoTemplate) => None,
+        Err(error) => return Err(error).context("reading the model's chat template"),
+    };
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| model_name(&gguf, &args.cluster.model));
+    let nodes = master.workers().len() + 1;
+    let chat = if template.is_some() {
+        ""
+    } else {
+        "; no chat template, so completions only"
+    };
+    let engine = Engine::start(
+        Box::new(master),
+        tokenizer,
+        template,
+        EngineOptions {
+            name: name.clone(),
+            queue: args.queue,
+            retry_every: Duration::from_secs(10),
+        },
+        log.sink(),
+    )
+    .context("starting the engine thread")?;
+    let options = ApiOptions {
+        max_body_bytes: args.max_request_kib.saturating_mul(1024),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("cleave-llm-http")
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        eprintln!(
+            "cleave-llm master listening on http://{address} (model {name}, {nodes} node{}{chat})",
+            if nodes == 1 { "" } else { "s" }
+        );
+        log.release();
+        api::serve(listener, Arc::new(engine), &options, shutdown()).await?;
+        eprintln!("cleave-llm master: stopped");
+        anyhow::Ok(())
+    })
+}
+
+/// Completes at Ctrl-C or SIGTERM.
+async fn shutdown() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}
+
 /// Runs `chat`: a conversation on this terminal.
 pub(crate) fn chat(args: &ChatArgs) -> anyhow::Result<()> {
-    let (mut master, tokenizer, gguf) = form(&args.cluster)?;
+    let (mut master, tokenizer, gguf) = form(&args.cluster, log_now())?;
     let template = ChatTemplate::from_gguf(&gguf)?;
     let mut messages: Vec<Message> = args
         .system

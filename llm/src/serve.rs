@@ -30,7 +30,8 @@ pub(crate) enum AllReduce {
     F64,
     /// 4 bytes a value, rounded: tokens can differ from one node's after a near tie.
     F32,
-    /// ggml Q8_0 blocks, 7.5× fewer bytes than f64; rounded more coarsely.
+    /// ggml Q8_0 blocks, 7.4× fewer bytes than f64; rounded more coarsely.
+    #[value(name = "q8_0")]
     Q8_0,
 }
 

@@ -145,6 +145,37 @@ fn block_lanes(simd: V3, ty: GgmlType, q: &[u8], b: usize, x: &[i8; 32]) -> __m2
     }
 }
 
+/// A row's blocks as f32 lanes and their scales.
+struct ScaledBlocks<'a> {
+    simd: V3,
+    ty: GgmlType,
+    q: &'a [u8],
+    x: &'a [[i8; 32]],
+    d: &'a [f32],
+    dx: &'a [f32],
+}
+
+impl ScaledBlocks<'_> {
+    /// Block `b`'s 8 lanes as f32, and `d_w · d_x` in every lane.
+    #[inline(always)]
+    fn get(&self, b: usize) -> (__m256, __m256) {
+        let simd = self.simd;
+        let lanes = block_lanes(simd, self.ty, self.q, b, &self.x[b]);
+        let ints = simd.avx._mm256_cvtepi32_ps(lanes);
+        (ints, simd.avx._mm256_set1_ps(self.d[b] * self.dx[b]))
+    }
+}
+
+/// Blocks `first..first + 8` of a row: each one's 8 lanes.
+#[inline(always)]
+fn lanes8(simd: V3, ty: GgmlType, q: &[u8], x: &[[i8; 32]], first: usize) -> [__m256i; 8] {
+    let mut lanes = [simd.avx._mm256_setzero_si256(); 8];
+    for (k, lane) in lanes.iter_mut().enumerate() {
+        *lane = block_lanes(simd, ty, q, first + k, &x[first + k]);
+    }
+    lanes
+}
+
 /// Row `r` of `m` times `a`, FMA-accumulated.
 #[inline(always)]
 fn row(simd: V3, m: &BlockRows<'_>, a: &Q8Vector, r: usize) -> f32 {
@@ -152,24 +183,28 @@ fn row(simd: V3, m: &BlockRows<'_>, a: &Q8Vector, r: usize) -> f32 {
     let d = &m.scales[blocks.clone()];
     let x = pulp::as_arrays::<32, i8>(&a.quants).0;
     let n = d.len();
-    let scaled = |b: usize| {
-        let ints = simd
-            .avx
-            ._mm256_cvtepi32_ps(block_lanes(simd, m.ty, q, b, &x[b]));
-        (ints, simd.avx._mm256_set1_ps(d[b] * a.scales[b]))
+    // No closures in the kernels: they would not inherit the target features, and the
+    // intrinsics in them would become calls.
+    let scaled = ScaledBlocks {
+        simd,
+        ty: m.ty,
+        q,
+        x,
+        d,
+        dx: &a.scales,
     };
     // Two accumulators: one FMA chain would wait on its own latency every block.
     let mut acc = [simd.avx._mm256_setzero_ps(); 2];
     let mut b = 0;
     while b + 2 <= n {
         for (k, slot) in acc.iter_mut().enumerate() {
-            let (ints, scale) = scaled(b + k);
+            let (ints, scale) = scaled.get(b + k);
             *slot = simd.fma._mm256_fmadd_ps(ints, scale, *slot);
         }
         b += 2;
     }
     if b < n {
-        let (ints, scale) = scaled(b);
+        let (ints, scale) = scaled.get(b);
         acc[0] = simd.fma._mm256_fmadd_ps(ints, scale, acc[0]);
     }
     let mut total = hsum_f32(simd.avx._mm256_add_ps(acc[0], acc[1]));
@@ -227,8 +262,7 @@ fn row_exact(simd: V3, m: &BlockRows<'_>, a: &Q8Vector, r: usize) -> f64 {
     let m8 = mins.map(|m| pulp::as_arrays::<8, f32>(m).0);
     for g in 0..d8.len() {
         let first = 8 * g;
-        let lanes = core::array::from_fn(|k| block_lanes(simd, m.ty, q, first + k, &x[first + k]));
-        let ints = avx._mm256_cvtepi32_ps(reduce8(simd, lanes));
+        let ints = avx._mm256_cvtepi32_ps(reduce8(simd, lanes8(simd, m.ty, q, x, first)));
         let w: __m256 = pulp::cast(d8[g]);
         let dx: __m256 = pulp::cast(dx8[g]);
         // (d_w · d_x) · int, then + m_w · s_x: the portable order, unfused.

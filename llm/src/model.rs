@@ -152,7 +152,7 @@ enum Layers {
     /// All in memory.
     Resident(Vec<Layer>),
     /// On disk, a window of them in memory at a time.
-    Streamed(LayerStream),
+    Streamed(Box<LayerStream>),
 }
 
 /// One transformer block's weights.
@@ -342,7 +342,7 @@ impl Model {
         let model = Self {
             shard: stored,
             head,
-            layers: Layers::Streamed(stream),
+            layers: Layers::Streamed(Box::new(stream)),
             config,
         };
         match shard {
@@ -395,7 +395,7 @@ impl Model {
                     .map(|l| l.select(shard, self.config.head_dim))
                     .collect(),
             ),
-            Layers::Streamed(stream) => Layers::Streamed(stream.restart(shard.clone())),
+            Layers::Streamed(stream) => Layers::Streamed(Box::new(stream.restart(shard.clone()))),
         };
         Ok(Self {
             config: self.config.clone(),

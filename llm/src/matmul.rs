@@ -623,10 +623,7 @@ impl Q8Vector {
     #[cfg(target_arch = "x86_64")]
     fn new(simd: Option<pulp::x86::V3>, x: &[f32]) -> Self {
         match simd {
-            Some(simd) => simd.vectorize(
-                #[inline(always)]
-                || Self::quantize(x),
-            ),
+            Some(simd) => avx2::quantize(simd, x),
             None => Self::quantize(x),
         }
     }

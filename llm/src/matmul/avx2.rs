@@ -27,62 +27,121 @@ pub(super) fn token() -> Option<V3> {
     V3::try_new()
 }
 
+// The kernels are run as `NullaryFnOnce` structs with an `#[inline(always)]` `call`, not
+// as closures: a closure is not reliably inlined into pulp's target-feature function, and
+// whatever is not inlined there compiles without AVX2, its intrinsics as calls.
+
 /// `out[i]` = row `first + i` of `m` times `a`.
 pub(super) fn rows(simd: V3, m: &BlockRows<'_>, a: &Q8Vector, first: usize, out: &mut [f32]) {
-    simd.vectorize(
-        #[inline(always)]
-        || {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = row(simd, m, a, first + i);
-            }
-        },
-    );
+    simd.vectorize(Rows {
+        simd,
+        m,
+        a,
+        first,
+        out,
+    });
+}
+
+struct Rows<'a, 'm, O> {
+    simd: V3,
+    m: &'a BlockRows<'m>,
+    a: &'a Q8Vector,
+    first: usize,
+    out: &'a mut [O],
+}
+
+impl pulp::NullaryFnOnce for Rows<'_, '_, f32> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        for (i, o) in self.out.iter_mut().enumerate() {
+            *o = row(self.simd, self.m, self.a, self.first + i);
+        }
+    }
+}
+
+impl pulp::NullaryFnOnce for Rows<'_, '_, f64> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        for (i, o) in self.out.iter_mut().enumerate() {
+            *o = row_exact(self.simd, self.m, self.a, self.first + i);
+        }
+    }
 }
 
 /// `out[i]` = the exact sum of row `first + i` of `m` times `a` (see the module's notes).
 pub(super) fn rows_exact(simd: V3, m: &BlockRows<'_>, a: &Q8Vector, first: usize, out: &mut [f64]) {
-    simd.vectorize(
-        #[inline(always)]
-        || {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = row_exact(simd, m, a, first + i);
-            }
-        },
-    );
+    simd.vectorize(Rows {
+        simd,
+        m,
+        a,
+        first,
+        out,
+    });
 }
 
 /// Σ a_i b_i over the shorter of the two.
 pub(super) fn dot(simd: V3, a: &[f32], b: &[f32]) -> f32 {
-    simd.vectorize(
-        #[inline(always)]
-        || {
-            let n = a.len().min(b.len());
-            let (a8, a_tail) = pulp::as_arrays::<8, f32>(&a[..n]);
-            let (b8, b_tail) = pulp::as_arrays::<8, f32>(&b[..n]);
-            let mut acc = [simd.avx._mm256_setzero_ps(); 2];
-            let mut pairs = a8.chunks_exact(2).zip(b8.chunks_exact(2));
-            for (x, y) in &mut pairs {
-                for k in 0..2 {
-                    acc[k] = simd.fma._mm256_fmadd_ps(
-                        pulp::cast::<[f32; 8], __m256>(x[k]),
-                        pulp::cast(y[k]),
-                        acc[k],
-                    );
-                }
+    simd.vectorize(Dot { simd, a, b })
+}
+
+struct Dot<'a> {
+    simd: V3,
+    a: &'a [f32],
+    b: &'a [f32],
+}
+
+impl pulp::NullaryFnOnce for Dot<'_> {
+    type Output = f32;
+
+    #[inline(always)]
+    fn call(self) -> f32 {
+        let Self { simd, a, b } = self;
+        let n = a.len().min(b.len());
+        let (a8, a_tail) = pulp::as_arrays::<8, f32>(&a[..n]);
+        let (b8, b_tail) = pulp::as_arrays::<8, f32>(&b[..n]);
+        let mut acc = [simd.avx._mm256_setzero_ps(); 2];
+        for (x, y) in a8.chunks_exact(2).zip(b8.chunks_exact(2)) {
+            for k in 0..2 {
+                acc[k] = simd.fma._mm256_fmadd_ps(
+                    pulp::cast::<[f32; 8], __m256>(x[k]),
+                    pulp::cast(y[k]),
+                    acc[k],
+                );
             }
-            if a8.len() % 2 == 1 {
-                let (x, y) = (a8[a8.len() - 1], b8[b8.len() - 1]);
-                acc[0] = simd
-                    .fma
-                    ._mm256_fmadd_ps(pulp::cast(x), pulp::cast(y), acc[0]);
-            }
-            let mut total = hsum_f32(simd.avx._mm256_add_ps(acc[0], acc[1]));
-            for (x, y) in a_tail.iter().zip(b_tail) {
-                total += x * y;
-            }
-            total
-        },
-    )
+        }
+        if a8.len() % 2 == 1 {
+            let (x, y) = (a8[a8.len() - 1], b8[b8.len() - 1]);
+            acc[0] = simd
+                .fma
+                ._mm256_fmadd_ps(pulp::cast(x), pulp::cast(y), acc[0]);
+        }
+        let mut total = hsum_f32(simd.avx._mm256_add_ps(acc[0], acc[1]));
+        for (x, y) in a_tail.iter().zip(b_tail) {
+            total += x * y;
+        }
+        total
+    }
+}
+
+/// `x` quantized to 8-bit blocks: `Q8Vector::quantize` compiled for AVX2 (the same
+/// operations, so the same values; `round` becomes instructions instead of a libm call).
+pub(super) fn quantize(simd: V3, x: &[f32]) -> Q8Vector {
+    simd.vectorize(Quantize(x))
+}
+
+struct Quantize<'a>(&'a [f32]);
+
+impl pulp::NullaryFnOnce for Quantize<'_> {
+    type Output = Q8Vector;
+
+    #[inline(always)]
+    fn call(self) -> Q8Vector {
+        Q8Vector::quantize(self.0)
+    }
 }
 
 /// Sum of 8 f32 lanes.

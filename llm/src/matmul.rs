@@ -5,11 +5,22 @@
 //!
 //! The block types are repacked at load: each block's f16 scale (and Q4_1's minimum) becomes
 //! an f32 in an array of its own, and the packed values go to one contiguous array, so that
-//! the inner loop is integer arithmetic over plain bytes, which the compiler vectorizes, with
-//! no f16 conversion in it. That costs Q4_1 4 bytes per 32 weights (20 → 24) and Q8_0 and
+//! the inner loop is integer arithmetic over plain bytes, with no f16 conversion in it. That costs Q4_1 4 bytes per 32 weights (20 → 24) and Q8_0 and
 //! Q4_0 2 (34 → 36, 18 → 20). The activation vector is quantized once per product to 8-bit
 //! blocks of 32 with one f32 scale each (what llama.cpp calls Q8_0/Q8_1), and each block's
 //! dot product is an i32 sum of byte products, scaled once.
+//!
+//! **Kernels** ([`Kernel`]). The inner loops come twice: portable Rust, which the compiler
+//! vectorizes for the baseline target (SSE2 `pmaddwd` on x86_64), and AVX2 (`avx2.rs`,
+//! x86-64-v3), llama.cpp's block dot product, `vpmaddubsw` (unsigned × signed bytes, pairs
+//! summed to i16) then `vpmaddwd` by ones (to i32), with FMA accumulation of the scaled
+//! blocks, 2–4× faster. `unsafe` is forbidden in this workspace, so the intrinsics come from
+//! `pulp`, whose `V3` token proves at run time that the CPU has them. [`Kernel::best`] picks
+//! once per process (AVX2 where the CPU has it; `CLEAVE_LLM_KERNEL=portable` forces the
+//! portable loops), and every product can be asked for a given kernel (`*_with`), which
+//! the tests and the `matmul` bench use to compare them. The integer sums are the same in
+//! both; the ordinary product adds the scaled blocks in another order, so its last bits
+//! differ between kernels (every node of a cluster runs the same one).
 //!
 //! **Exact sums** ([`QMatrix::matvec_exact`]). The matrices whose columns a cluster splits
 //! (Wo and Wdown) give partial sums that the nodes add up. Float addition is not
@@ -18,7 +29,10 @@
 //! whole step now and then. Instead each 32-value block's contribution is computed in f32
 //! (the same on every node: it depends on that block alone), put on a grid of 2⁻³² in f64,
 //! and added in f64: sums of grid values below 2²¹ are exact, so any split, in any order,
-//! gives the same bits.
+//! gives the same bits. The AVX2 kernel computes only the integer block sums with SIMD
+//! (exact) and each term with the portable f32 operations in the portable order (multiply,
+//! multiply, then add the minimum's term, never fused), so both kernels give the same bits
+//! (`simd_kernels_equal_the_portable_ones` checks it).
 
 use rayon::prelude::*;
 

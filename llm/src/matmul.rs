@@ -5,11 +5,22 @@
 //!
 //! The block types are repacked at load: each block's f16 scale (and Q4_1's minimum) becomes
 //! an f32 in an array of its own, and the packed values go to one contiguous array, so that
-//! the inner loop is integer arithmetic over plain bytes, which the compiler vectorizes, with
-//! no f16 conversion in it. That costs Q4_1 4 bytes per 32 weights (20 → 24) and Q8_0 and
+//! the inner loop is integer arithmetic over plain bytes, with no f16 conversion in it. That costs Q4_1 4 bytes per 32 weights (20 → 24) and Q8_0 and
 //! Q4_0 2 (34 → 36, 18 → 20). The activation vector is quantized once per product to 8-bit
 //! blocks of 32 with one f32 scale each (what llama.cpp calls Q8_0/Q8_1), and each block's
 //! dot product is an i32 sum of byte products, scaled once.
+//!
+//! **Kernels** ([`Kernel`]). The inner loops come twice: portable Rust, which the compiler
+//! vectorizes for the baseline target (SSE2 `pmaddwd` on x86_64), and AVX2 (`avx2.rs`,
+//! x86-64-v3), llama.cpp's block dot product, `vpmaddubsw` (unsigned × signed bytes, pairs
+//! summed to i16) then `vpmaddwd` by ones (to i32), with FMA accumulation of the scaled
+//! blocks, 2–4× faster. `unsafe` is forbidden in this workspace, so the intrinsics come from
+//! `pulp`, whose `V3` token proves at run time that the CPU has them. [`Kernel::best`] picks
+//! once per process (AVX2 where the CPU has it; `CLEAVE_LLM_KERNEL=portable` forces the
+//! portable loops), and every product can be asked for a given kernel (`*_with`), which
+//! the tests and the `matmul` bench use to compare them. The integer sums are the same in
+//! both; the ordinary product adds the scaled blocks in another order, so its last bits
+//! differ between kernels (every node of a cluster runs the same one).
 //!
 //! **Exact sums** ([`QMatrix::matvec_exact`]). The matrices whose columns a cluster splits
 //! (Wo and Wdown) give partial sums that the nodes add up. Float addition is not
@@ -18,9 +29,15 @@
 //! whole step now and then. Instead each 32-value block's contribution is computed in f32
 //! (the same on every node: it depends on that block alone), put on a grid of 2⁻³² in f64,
 //! and added in f64: sums of grid values below 2²¹ are exact, so any split, in any order,
-//! gives the same bits.
+//! gives the same bits. The AVX2 kernel computes only the integer block sums with SIMD
+//! (exact) and each term with the portable f32 operations in the portable order (multiply,
+//! multiply, then add the minimum's term, never fused), so both kernels give the same bits
+//! (`simd_kernels_equal_the_portable_ones` checks it).
 
 use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 
 use crate::quant::{BLOCK, GgmlType};
 
@@ -265,18 +282,28 @@ impl QMatrix {
         }
     }
 
-    /// `out = self · x`.
+    /// `out = self · x`, with the fastest kernel this CPU runs ([`Kernel::best`]).
     ///
     /// # Panics
     ///
     /// If `x` is not `cols` long or `out` not `rows` long.
     pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        self.matvec_with(Kernel::best(), x, out);
+    }
+
+    /// `out = self · x` with `kernel` (the portable one where `kernel` is not available).
+    ///
+    /// # Panics
+    ///
+    /// If `x` is not `cols` long or `out` not `rows` long.
+    pub fn matvec_with(&self, kernel: Kernel, x: &[f32], out: &mut [f32]) {
         assert_eq!(x.len(), self.cols, "input length");
         assert_eq!(out.len(), self.rows, "output length");
+        let chunk = rows_per_task(self.rows);
         match &self.weights {
             Weights::Dense(values) => out
                 .par_iter_mut()
-                .with_min_len(16)
+                .with_min_len(chunk)
                 .zip(values.par_chunks_exact(self.cols))
                 .for_each(|(o, row)| *o = row.iter().zip(x).map(|(w, v)| w * v).sum()),
             Weights::Blocks {
@@ -284,25 +311,175 @@ impl QMatrix {
                 mins,
                 quants,
             } => {
-                let a = Q8Vector::new(x);
-                let per_row = self.cols / BLOCK;
-                let qb = quant_bytes(self.ty);
-                let ty = self.ty;
-                out.par_iter_mut()
-                    .with_min_len(16)
+                let simd = kernel.token();
+                let a = Q8Vector::new(simd, x);
+                let m = self.block_rows(scales, mins, quants);
+                out.par_chunks_mut(chunk)
                     .enumerate()
-                    .for_each(|(r, o)| {
-                        let blocks = r * per_row..(r + 1) * per_row;
-                        let q = &quants[blocks.start * qb..blocks.end * qb];
-                        let d = &scales[blocks.clone()];
-                        *o = match ty {
-                            GgmlType::Q8_0 => dot_q8_0(d, q, &a),
-                            GgmlType::Q4_0 => dot_q4_0(d, q, &a),
-                            _ => dot_q4_1(d, &mins[blocks], q, &a),
-                        };
+                    .for_each(|(c, out)| match simd {
+                        #[cfg(target_arch = "x86_64")]
+                        Some(simd) => avx2::rows(simd, &m, &a, c * chunk, out),
+                        _ => {
+                            for (i, o) in out.iter_mut().enumerate() {
+                                *o = m.row_dot(&a, c * chunk + i);
+                            }
+                        }
                     });
             }
         }
+    }
+
+    fn block_rows<'a>(
+        &self,
+        scales: &'a [f32],
+        mins: &'a [f32],
+        quants: &'a [u8],
+    ) -> BlockRows<'a> {
+        BlockRows {
+            ty: self.ty,
+            per_row: self.cols / BLOCK,
+            scales,
+            mins,
+            quants,
+        }
+    }
+}
+
+/// Rows of a product per rayon task: a few tasks per thread, so that an idle thread can
+/// take over, but not so many that the splitting costs more than the rows (the products
+/// of a small model's token are tens of microseconds).
+fn rows_per_task(rows: usize) -> usize {
+    rows.div_ceil(4 * rayon::current_num_threads()).max(32)
+}
+
+/// The inner loops of the products.
+///
+/// Both compute the same integer dot products per block; [`Kernel::Avx2`] accumulates the
+/// scaled block sums in another order (with FMA), so [`QMatrix::matvec`]'s results differ
+/// in the last bits between kernels, while [`QMatrix::matvec_exact`]'s are the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Plain Rust for the baseline target, which the compiler vectorizes (SSE2 on x86_64).
+    Portable,
+    /// AVX2 and FMA (x86-64-v3) through `pulp`'s safe intrinsics: llama.cpp's
+    /// `vpmaddubsw`/`vpmaddwd` block dot products. Only on x86_64 CPUs that have them.
+    Avx2,
+}
+
+impl Kernel {
+    /// Every kernel.
+    pub const ALL: [Self; 2] = [Self::Portable, Self::Avx2];
+
+    /// The fastest kernel this CPU runs, chosen once per process: AVX2 where the CPU has
+    /// it, else the portable one. `CLEAVE_LLM_KERNEL=portable` in the environment asks for
+    /// the portable one (to compare them).
+    pub fn best() -> Self {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let portable = std::env::var("CLEAVE_LLM_KERNEL").is_ok_and(|v| v == "portable");
+            if !portable && Self::Avx2.is_available() {
+                Self::Avx2
+            } else {
+                Self::Portable
+            }
+        })
+    }
+
+    /// Whether this CPU runs this kernel.
+    pub fn is_available(self) -> bool {
+        match self {
+            Self::Portable => true,
+            Self::Avx2 => self.token().is_some(),
+        }
+    }
+
+    /// The kernels this CPU runs.
+    pub fn available() -> Vec<Self> {
+        Self::ALL.into_iter().filter(|k| k.is_available()).collect()
+    }
+
+    /// The kernel's name (`portable`, `avx2`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            Self::Avx2 => "avx2",
+        }
+    }
+
+    /// The AVX2 token, or `None`: the portable loops.
+    #[cfg(target_arch = "x86_64")]
+    fn token(self) -> Option<pulp::x86::V3> {
+        match self {
+            Self::Avx2 => avx2::token(),
+            Self::Portable => None,
+        }
+    }
+
+    /// No SIMD kernel here: the portable loops.
+    #[cfg(not(target_arch = "x86_64"))]
+    fn token(self) -> Option<NoSimd> {
+        None
+    }
+}
+
+/// What [`Kernel::token`] gives where there is no SIMD kernel.
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Debug, Clone, Copy)]
+enum NoSimd {}
+
+impl std::fmt::Display for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `Σ a_i b_i` over the shorter of the two, with [`Kernel::best`] (the attention scores).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    match Kernel::best().token() {
+        #[cfg(target_arch = "x86_64")]
+        Some(simd) => avx2::dot(simd, a, b),
+        _ => a.iter().zip(b).map(|(x, y)| x * y).sum(),
+    }
+}
+
+/// A block matrix's arrays, as the kernels read them.
+struct BlockRows<'a> {
+    ty: GgmlType,
+    /// Blocks per row.
+    per_row: usize,
+    scales: &'a [f32],
+    /// Q4_1's minimums (empty for the other types).
+    mins: &'a [f32],
+    quants: &'a [u8],
+}
+
+impl<'a> BlockRows<'a> {
+    /// Row `r`'s blocks (indices into `scales` and `mins`) and values.
+    #[inline(always)]
+    fn row(&self, r: usize) -> (std::ops::Range<usize>, &'a [u8]) {
+        let blocks = r * self.per_row..(r + 1) * self.per_row;
+        let qb = quant_bytes(self.ty);
+        let q = &self.quants[blocks.start * qb..blocks.end * qb];
+        (blocks, q)
+    }
+
+    /// Row `r` times `a`, portable.
+    fn row_dot(&self, a: &Q8Vector, r: usize) -> f32 {
+        let (blocks, q) = self.row(r);
+        let d = &self.scales[blocks.clone()];
+        match self.ty {
+            GgmlType::Q8_0 => dot_q8_0(d, q, a),
+            GgmlType::Q4_0 => dot_q4_0(d, q, a),
+            _ => dot_q4_1(d, &self.mins[blocks], q, a),
+        }
+    }
+
+    /// Row `r` times `a` with exact sums, portable.
+    fn row_exact(&self, a: &Q8Vector, r: usize) -> f64 {
+        let (blocks, q) = self.row(r);
+        let d = &self.scales[blocks.clone()];
+        let mins = (self.ty == GgmlType::Q4_1).then(|| &self.mins[blocks]);
+        exact_blocks(d, mins, a, |b| block_int(self.ty, q, a, b))
     }
 }
 
@@ -329,12 +506,23 @@ impl QMatrix {
     ///
     /// If `x` is not `cols` long or `out` not `rows` long.
     pub fn matvec_exact(&self, x: &[f32], out: &mut [f64]) {
+        self.matvec_exact_with(Kernel::best(), x, out);
+    }
+
+    /// [`QMatrix::matvec_exact`] with `kernel` (the portable one where `kernel` is not
+    /// available): every kernel gives the same bits.
+    ///
+    /// # Panics
+    ///
+    /// If `x` is not `cols` long or `out` not `rows` long.
+    pub fn matvec_exact_with(&self, kernel: Kernel, x: &[f32], out: &mut [f64]) {
         assert_eq!(x.len(), self.cols, "input length");
         assert_eq!(out.len(), self.rows, "output length");
+        let chunk = rows_per_task(self.rows);
         match &self.weights {
             Weights::Dense(values) => out
                 .par_iter_mut()
-                .with_min_len(16)
+                .with_min_len(chunk)
                 .zip(values.par_chunks_exact(self.cols))
                 // Unquantized columns may be split anywhere: each product is a term.
                 .for_each(|(o, row)| *o = row.iter().zip(x).map(|(w, v)| on_grid(w * v)).sum()),
@@ -343,19 +531,19 @@ impl QMatrix {
                 mins,
                 quants,
             } => {
-                let a = Q8Vector::new(x);
-                let per_row = self.cols / BLOCK;
-                let qb = quant_bytes(self.ty);
-                let ty = self.ty;
-                out.par_iter_mut()
-                    .with_min_len(16)
+                let simd = kernel.token();
+                let a = Q8Vector::new(simd, x);
+                let m = self.block_rows(scales, mins, quants);
+                out.par_chunks_mut(chunk)
                     .enumerate()
-                    .for_each(|(r, o)| {
-                        let blocks = r * per_row..(r + 1) * per_row;
-                        let q = &quants[blocks.start * qb..blocks.end * qb];
-                        let d = &scales[blocks.clone()];
-                        let mins = (ty == GgmlType::Q4_1).then(|| &mins[blocks]);
-                        *o = exact_blocks(d, mins, &a, |b| block_int(ty, q, &a, b));
+                    .for_each(|(c, out)| match simd {
+                        #[cfg(target_arch = "x86_64")]
+                        Some(simd) => avx2::rows_exact(simd, &m, &a, c * chunk, out),
+                        _ => {
+                            for (i, o) in out.iter_mut().enumerate() {
+                                *o = m.row_exact(&a, c * chunk + i);
+                            }
+                        }
                     });
             }
         }
@@ -444,18 +632,35 @@ struct Q8Vector {
 }
 
 impl Q8Vector {
-    fn new(x: &[f32]) -> Self {
+    /// `x` quantized; the same values whatever the kernel (the AVX2 one compiles the same
+    /// loop for AVX2, where `round` is an instruction sequence rather than a libm call).
+    #[cfg(target_arch = "x86_64")]
+    fn new(simd: Option<pulp::x86::V3>, x: &[f32]) -> Self {
+        match simd {
+            Some(simd) => avx2::quantize(simd, x),
+            None => Self::quantize(x),
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn new(_: Option<NoSimd>, x: &[f32]) -> Self {
+        Self::quantize(x)
+    }
+
+    #[inline(always)]
+    fn quantize(x: &[f32]) -> Self {
         let n = x.len() / BLOCK;
         let mut scales = Vec::with_capacity(n);
         let mut sums = Vec::with_capacity(n);
-        let mut quants = Vec::with_capacity(x.len());
-        for block in x.chunks_exact(BLOCK) {
+        let mut quants = vec![0i8; n * BLOCK];
+        for (block, q) in x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)) {
             let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let id = if d == 0.0 { 0.0 } else { 1.0 / d };
-            let start = quants.len();
-            quants.extend(block.iter().map(|v| (v * id).round() as i8));
-            let total: i32 = quants[start..].iter().map(|&q| i32::from(q)).sum();
+            for (q, v) in q.iter_mut().zip(block) {
+                *q = (v * id).round() as i8;
+            }
+            let total: i32 = q.iter().map(|&q| i32::from(q)).sum();
             scales.push(d);
             sums.push(d * total as f32);
         }
@@ -680,6 +885,141 @@ mod tests {
                     assert_eq!(sum, whole, "{ty} {cuts:?} reversed: {order}");
                 }
             }
+        }
+    }
+
+    /// A small deterministic generator (xorshift64*), so that the tests need no crate.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        /// Uniform in [−1, 1).
+        fn unit(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+    }
+
+    /// Random blocks of `ty` in ggml's layout: random value bytes (every nibble and byte,
+    /// −128 included), f16 scales of mixed magnitudes and signs; every 7th block at the
+    /// extremes (all values 0, or all at the top: 15, 127 or −128).
+    fn random_blocks(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+        let blocks = rows * cols / BLOCK;
+        let mut bytes = Vec::with_capacity(blocks * ty.block_bytes());
+        for b in 0..blocks {
+            let scale = |rng: &mut Rng| {
+                let magnitude = [1e-3f32, 0.02, 0.5, 7.0][(rng.next() % 4) as usize];
+                half::f16::from_f32(rng.unit() * magnitude).to_le_bytes()
+            };
+            bytes.extend_from_slice(&scale(rng));
+            if ty == GgmlType::Q4_1 {
+                bytes.extend_from_slice(&scale(rng));
+            }
+            let n = if ty == GgmlType::Q8_0 { 32 } else { 16 };
+            for _ in 0..n {
+                bytes.push(match (b % 7, b % 3) {
+                    (0, 0) => 0x00,
+                    (0, 1) => 0xFF,
+                    (0, _) => 0x80,
+                    _ => rng.next() as u8,
+                });
+            }
+        }
+        bytes
+    }
+
+    /// Activations of mixed magnitudes; some blocks all zero, some with one huge value.
+    fn random_activations(cols: usize, rng: &mut Rng) -> Vec<f32> {
+        let mut x: Vec<f32> = (0..cols).map(|_| rng.unit() * 3.0).collect();
+        for (b, block) in x.chunks_mut(BLOCK).enumerate() {
+            match b % 5 {
+                1 => block.fill(0.0),
+                2 => block[(b * 7) % BLOCK] = -60.0,
+                3 => block.iter_mut().for_each(|v| *v *= 1e-6),
+                _ => {}
+            }
+        }
+        x
+    }
+
+    /// The SIMD kernels against the portable ones on random matrices of every block type
+    /// and sizes that are not powers of two: the ordinary product within float rounding of
+    /// the sums, the exact one bit for bit.
+    #[test]
+    fn simd_kernels_equal_the_portable_ones() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let simd: Vec<Kernel> = Kernel::available()
+            .into_iter()
+            .filter(|&k| k != Kernel::Portable)
+            .collect();
+        if simd.is_empty() {
+            eprintln!("no SIMD kernel on this CPU: nothing to compare");
+        }
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+            for (rows, cols) in [(1, 32), (37, 352), (129, 96), (300, 1504), (5, 224)] {
+                let bytes = random_blocks(ty, rows, cols, &mut rng);
+                let matrix = QMatrix::new(ty, rows, cols, bytes).unwrap();
+                let x = random_activations(cols, &mut rng);
+                let mut portable = vec![0.0f32; rows];
+                matrix.matvec_with(Kernel::Portable, &x, &mut portable);
+                let mut portable_exact = vec![0.0f64; rows];
+                matrix.matvec_exact_with(Kernel::Portable, &x, &mut portable_exact);
+                // The bound of a row's rounding: its dense terms' magnitudes.
+                let mut dense = Vec::new();
+                let magnitude: Vec<f32> = (0..rows)
+                    .map(|r| {
+                        matrix.row_into(r, &mut dense);
+                        dense.iter().zip(&x).map(|(w, v)| (w * v).abs()).sum()
+                    })
+                    .collect();
+                // Exact sums are exact (in any order) while a row's terms add up to less
+                // than 2²¹: the matrices here stay within that.
+                for (r, m) in magnitude.iter().enumerate() {
+                    assert!(*m < (1 << 20) as f32, "{ty} row {r}: magnitude {m}");
+                }
+                for &kernel in &simd {
+                    let mut out = vec![0.0f32; rows];
+                    matrix.matvec_with(kernel, &x, &mut out);
+                    for r in 0..rows {
+                        assert!(
+                            (out[r] - portable[r]).abs() <= 1e-5 * magnitude[r] + 1e-30,
+                            "{kernel} {ty} {rows}×{cols} row {r}: {} vs {} (magnitude {})",
+                            out[r],
+                            portable[r],
+                            magnitude[r]
+                        );
+                    }
+                    let mut exact = vec![0.0f64; rows];
+                    matrix.matvec_exact_with(kernel, &x, &mut exact);
+                    let bits = |v: &[f64]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&exact),
+                        bits(&portable_exact),
+                        "{kernel} {ty} {rows}×{cols}: exact sums differ"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_dot_equals_the_portable_one() {
+        let mut rng = Rng(7);
+        for n in [0, 1, 7, 8, 15, 16, 17, 64, 100] {
+            let a: Vec<f32> = (0..n).map(|_| rng.unit()).collect();
+            let b: Vec<f32> = (0..n).map(|_| rng.unit() * 10.0).collect();
+            let expected: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            let magnitude: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
+            let got = dot(&a, &b);
+            assert!(
+                (got - expected).abs() <= 1e-5 * magnitude,
+                "{n}: {got} vs {expected}"
+            );
         }
     }
 

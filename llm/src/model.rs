@@ -828,7 +828,7 @@ fn attention(
         scores.clear();
         scores.extend((0..len).map(|t| {
             let k = &keys[t * kv_dim + kv..t * kv_dim + kv + hd];
-            qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+            crate::matmul::dot(qh, k) * scale
         }));
         softmax(scores);
         let oh = &mut out[h * hd..(h + 1) * hd];

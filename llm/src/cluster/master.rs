@@ -330,20 +330,28 @@ impl Decoder for Master {
             self.stats.step_bytes += (frame.wire_bytes() * self.star.links().len()) as u64;
         }
         let mut reducing = Duration::ZERO;
-        let star = &mut self.star;
-        let done = model.layers_forward(&mut x, &mut self.cache, &mut |part| {
-            let t = Instant::now();
-            let result = star.all_reduce(part);
-            reducing += t.elapsed();
-            result.map_err(|e: CollectiveError| ModelError::Collective(e.to_string()))
+        let (star, cache) = (&mut self.star, &mut self.cache);
+        // The layers and the head on one of rayon's threads, as `LocalDecoder::step` does:
+        // the products split from inside the pool. The all-reduces block that thread.
+        let done = rayon::scope(|_| {
+            model.layers_forward(&mut x, cache, &mut |part| {
+                let t = Instant::now();
+                let result = star.all_reduce(part);
+                reducing += t.elapsed();
+                result.map_err(|e: CollectiveError| ModelError::Collective(e.to_string()))
+            })?;
+            // Not a collective error: the head is the master's alone.
+            model.logits(&x)
         });
-        if let Err(error) = done {
-            return Err(match error {
-                ModelError::Collective(_) => self.fail(error),
-                other => other,
-            });
-        }
-        let logits = model.logits(&x)?;
+        let logits = match done {
+            Ok(logits) => logits,
+            Err(error) => {
+                return Err(match error {
+                    ModelError::Collective(_) => self.fail(error),
+                    other => other,
+                });
+            }
+        };
         self.stats.steps += 1;
         self.stats.all_reduce_s += reducing.as_secs_f64();
         self.stats.compute_s += (started.elapsed() - reducing - sending).as_secs_f64();

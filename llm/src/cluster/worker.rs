@@ -251,14 +251,18 @@ fn step(
     let started = Instant::now();
     let mut reducing = Duration::ZERO;
     let mut failed = None;
-    let result = model.layers_forward(&mut values, cache, &mut |part| {
-        let t = Instant::now();
-        let done = star.all_reduce(part);
-        reducing += t.elapsed();
-        done.map_err(|e| {
-            let message = e.to_string();
-            failed = Some(e);
-            ModelError::Collective(message)
+    // On one of rayon's threads, as `LocalDecoder::step` does: the products split from
+    // inside the pool. The all-reduces block that thread.
+    let result = rayon::scope(|_| {
+        model.layers_forward(&mut values, cache, &mut |part| {
+            let t = Instant::now();
+            let done = star.all_reduce(part);
+            reducing += t.elapsed();
+            done.map_err(|e| {
+                let message = e.to_string();
+                failed = Some(e);
+                ModelError::Collective(message)
+            })
         })
     });
     stats.steps += 1;

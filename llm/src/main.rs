@@ -8,7 +8,6 @@ mod serve;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -16,9 +15,9 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cleave_llm::chat::{ChatTemplate, Message, text_prompt_ids};
-use cleave_llm::engine::{Limits, LocalDecoder, generate};
+use cleave_llm::engine::{Limits, LocalDecoder};
 use cleave_llm::gguf::{Gguf, Value};
-use cleave_llm::model::{Model, argmax};
+use cleave_llm::model::Model;
 use cleave_llm::tokenizer::Tokenizer;
 
 /// Tensor-parallel LLM inference across edge nodes, from GGUF files.
@@ -232,24 +231,7 @@ fn run_alone(args: &RunArgs) -> anyhow::Result<ExitCode> {
         stop: Vec::new(),
     };
     let mut out = std::io::stdout().lock();
-    let mut failed_write = None;
-    let outcome = generate(
-        &mut decoder,
-        &tokenizer,
-        &prompt,
-        &limits,
-        &mut |logits| argmax(logits),
-        &mut |text| match write!(out, "{text}").and_then(|()| out.flush()) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(error) => {
-                failed_write = Some(error);
-                ControlFlow::Break(())
-            }
-        },
-    )?;
-    if let Some(error) = failed_write {
-        return Err(error).context("writing the answer");
-    }
+    let outcome = serve::answer_greedily(&mut decoder, &tokenizer, &prompt, &limits, &mut out)?;
     writeln!(out)?;
     if args.print_ids {
         writeln!(out, "{:?}", outcome.tokens)?;

@@ -17,7 +17,7 @@ use cleave_llm::api::{self, ApiOptions, Engine, EngineOptions};
 use cleave_llm::chat::{ChatError, ChatTemplate, Message, text_prompt_ids};
 use cleave_llm::cluster::master::{Master, MasterOptions};
 use cleave_llm::cluster::worker::{self, WorkerOptions};
-use cleave_llm::engine::{Decoder, Limits, generate};
+use cleave_llm::engine::{Decoder, Limits, Outcome, generate};
 use cleave_llm::gguf::Gguf;
 use cleave_llm::model::argmax;
 use cleave_llm::tokenizer::Tokenizer;
@@ -280,17 +280,7 @@ pub(crate) fn master(args: &MasterArgs) -> anyhow::Result<()> {
             Some(t) => t.prompt_ids(&tokenizer, &[Message::new("user", prompt)])?,
             None => text_prompt_ids(&tokenizer, prompt),
         };
-        let outcome = generate(
-            &mut master,
-            &tokenizer,
-            &ids,
-            &limits,
-            &mut |logits| argmax(logits),
-            &mut |text| {
-                let _ = write!(out, "{text}").and_then(|()| out.flush());
-                ControlFlow::Continue(())
-            },
-        )?;
+        let outcome = answer_greedily(&mut master, &tokenizer, &ids, &limits, &mut out)?;
         writeln!(out)?;
         if args.print_ids {
             writeln!(out, "{:?}", outcome.tokens)?;
@@ -477,17 +467,7 @@ pub(crate) fn chat(args: &ChatArgs) -> anyhow::Result<()> {
         }
         messages.push(Message::new("user", line));
         let ids = template.prompt_ids(&tokenizer, &messages)?;
-        let answer = generate(
-            &mut master,
-            &tokenizer,
-            &ids,
-            &limits,
-            &mut |logits| argmax(logits),
-            &mut |text| {
-                let _ = write!(out, "{text}").and_then(|()| out.flush());
-                ControlFlow::Continue(())
-            },
-        );
+        let answer = answer_greedily(&mut master, &tokenizer, &ids, &limits, &mut out);
         writeln!(out)?;
         match answer {
             Ok(outcome) => {
@@ -504,5 +484,35 @@ pub(crate) fn chat(args: &ChatArgs) -> anyhow::Result<()> {
                 eprintln!("cleave-llm: {error}");
             }
         }
+    }
+}
+
+/// Greedy generation after `prompt`, the text written to `out` as it comes; a failed write
+/// stops it.
+pub(crate) fn answer_greedily(
+    decoder: &mut dyn Decoder,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    limits: &Limits,
+    out: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let mut failed_write = None;
+    let outcome = generate(
+        decoder,
+        tokenizer,
+        prompt,
+        limits,
+        &mut |logits| argmax(logits),
+        &mut |text| match write!(out, "{text}").and_then(|()| out.flush()) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(error) => {
+                failed_write = Some(error);
+                ControlFlow::Break(())
+            }
+        },
+    )?;
+    match failed_write {
+        Some(error) => Err(error).context("writing the answer"),
+        None => Ok(outcome),
     }
 }

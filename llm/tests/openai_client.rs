@@ -12,83 +12,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
+use common::{Process, required};
+
 const CONTEXT: usize = 256;
-
-fn required(path: &str, require: &str, hint: &str) -> Option<PathBuf> {
-    match std::env::var_os(path) {
-        Some(value) => Some(PathBuf::from(value)),
-        None => {
-            assert!(
-                std::env::var_os(require).is_none(),
-                "{require} is set but {path} is not"
-            );
-            eprintln!("skipped: {path} is not set ({hint})");
-            None
-        }
-    }
-}
-
-/// A `cleave-llm` process, the address from its first stderr line, and what it logged.
-struct Process {
-    child: Child,
-    address: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Process {
-    fn start(args: &[&str], prefix: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cleave-llm"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let first = lines
-            .next()
-            .expect("the process ended before its first line")
-            .unwrap();
-        let address = first
-            .strip_prefix(prefix)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-            .to_string();
-        let log = Arc::new(Mutex::new(vec![first]));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Self {
-            child,
-            address,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// One HTTP/1.1 exchange; the status and the body.
 fn http(address: &str, method: &str, path: &str, body: &str) -> (u16, String) {

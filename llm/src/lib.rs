@@ -10,16 +10,17 @@
 //! - [`quant`] knows ggml's tensor types (F32, F16, Q4_0, Q4_1, Q8_0): their block layout,
 //!   dequantization, and ggml's reference quantizers.
 //! - [`tokenizer`] turns text into token ids and back with the vocabulary the file carries
-//!   (byte-level BPE as llama.cpp does it), and streams decoded text without cutting a
-//!   UTF-8 character.
+//!   (byte-level BPE or SentencePiece-style merges, as llama.cpp does them), and streams
+//!   decoded text without cutting a UTF-8 character.
 //!
 //! - [`chat`] renders a conversation with the Jinja chat template the file carries.
 //! - [`matmul`] multiplies quantized weights by activation vectors; [`model`] is the llama
 //!   decoder, its KV cache kept apart, with all layers in memory or a sliding window of
 //!   them ([`model::Model::load_windowed`]).
 //! - [`shard`] plans which heads and FFN slice each node of a cluster computes;
-//!   [`wire`] is the frame format between nodes and [`collective`] the star all-reduce
-//!   over TCP.
+//!   [`wire`] is the frame format between nodes and [`collective`] the star and
+//!   all-to-all all-reduces over TCP; [`shard_file`] cuts a worker's part of the model into
+//!   a GGUF of its own, and [`cluster`] is the worker and master processes' protocol.
 //!
 //! - [`engine`] is the generation loop every front end shares, over a [`engine::Decoder`]:
 //!   this node alone, or the master of a [`cluster`]; [`sampling`] chooses each token
